@@ -1,0 +1,61 @@
+"""Reading a model directory (`config.json`, with or without weights) into our classes.
+
+The one place that turns a `--model_id` into a config and a model class, so every entry point
+(demo, compile, run, merge) gives the same errors for a bad directory.
+"""
+
+import json
+import os
+
+import torch
+
+from .configuration_deepseek import DeepseekConfig, DeepseekV2Config
+from .modeling_deepseek import DeepseekForCausalLM, DeepseekV2ForCausalLM
+
+CONFIG_CLASSES = {"deepseek_v2": DeepseekV2Config, "deepseek": DeepseekConfig}
+CAUSAL_LM_CLASSES = {"deepseek_v2": DeepseekV2ForCausalLM, "deepseek": DeepseekForCausalLM}
+
+
+class ModelDirError(ValueError):
+    """A --model_id that cannot be read; the message names the file and the fix."""
+
+
+def load_config(model_id):
+    """A local directory with config.json, or a hub id (needs network), -> DeepseekV2Config/DeepseekConfig."""
+    if os.path.isdir(model_id):
+        path = os.path.join(model_id, "config.json")
+        if not os.path.isfile(path):
+            raise ModelDirError(f"{path} not found: --model_id must be a directory holding a config.json "
+                                "(see configs/ for examples) or a Hugging Face hub id")
+        try:
+            with open(path) as f:
+                fields = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ModelDirError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+    elif os.path.sep in model_id.strip("/") and model_id.count("/") > 1 or model_id.startswith((".", "/", "~")):
+        raise ModelDirError(f"--model_id {model_id!r}: no such directory")
+    else:
+        from transformers import AutoConfig  # hub path: real code, needs network
+        fields = AutoConfig.from_pretrained(model_id, trust_remote_code=True).to_dict()
+        path = model_id
+    model_type = fields.get("model_type")
+    if model_type not in CONFIG_CLASSES:
+        raise ModelDirError(f"{path}: field `model_type` is {model_type!r}; this project supports "
+                            f"{sorted(CONFIG_CLASSES)} (DeepSeek-V2 family and DeepSeekMoE v1)")
+    try:
+        return CONFIG_CLASSES[model_type].from_dict(fields)
+    except ValueError as e:
+        raise ModelDirError(f"{path}: {e}") from None
+
+
+def model_class_for(config):
+    return CAUSAL_LM_CLASSES[config.model_type]
+
+
+def build_model(config, device="cpu", dtype=torch.float32, seed=None):
+    """A randomly initialised causal LM; device="meta" builds it without allocating memory."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = model_class_for(config)(config)
+    return model.to(dtype)
