@@ -299,10 +299,12 @@ def apply_rotary_pos_emb(q, k, cos, sin, interleaved=False):
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
-def eager_attention(query, key, value, attention_mask, softmax_scale, dropout_p, training):
-    """softmax(q k^T * scale + mask) v with the softmax in float32. q/k/v: [B, H, S, d]."""
+def eager_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
+    """softmax(q k^T * scale + causal mask) v with the softmax in float32. q/k/v: [B, H, S, d];
+    padding_mask: None or [B, S] with 1 for tokens and 0 for padding."""
+    B, _, S, _ = query.shape
     weights = torch.matmul(query, key.transpose(2, 3)) * softmax_scale
-    weights = weights + attention_mask
+    weights = weights + causal_attention_mask(padding_mask, B, S, weights.dtype, weights.device)
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout_p, training=training)
     return torch.matmul(weights, value)
@@ -311,6 +313,9 @@ def eager_attention(query, key, value, attention_mask, softmax_scale, dropout_p,
 class DeepseekV2Attention(nn.Module):
     """Multi-head latent attention: keys and values come from a low-rank latent (kv_lora_rank)
     plus one rotary key shared by all heads; queries optionally through a low-rank q_lora_rank."""
+
+    # The attention kernel; the training form swaps in SDPA or flash-attn.
+    attention_fn = staticmethod(eager_attention)
 
     def __init__(self, config, layer_idx=None):
         super().__init__()
@@ -370,17 +375,19 @@ class DeepseekV2Attention(nn.Module):
         key = torch.cat([k_nope, k_pe.expand(B, self.num_heads, S, self.qk_rope_head_dim)], dim=-1)
         return query, key, value
 
-    def forward(self, hidden_states_BSD, position_embeddings, attention_mask):
+    def forward(self, hidden_states_BSD, position_embeddings, padding_mask):
         B, S, _ = hidden_states_BSD.shape
         query, key, value = self.project_qkv(hidden_states_BSD, position_embeddings)
-        out = eager_attention(query, key, value, attention_mask, self.softmax_scale,
-                              self.attention_dropout, self.training)
+        out = self.attention_fn(query, key, value, padding_mask, self.softmax_scale,
+                                self.attention_dropout, self.training)
         out = out.transpose(1, 2).reshape(B, S, self.num_heads * self.v_head_dim)
         return self.o_proj(out)
 
 
 class DeepseekAttention(nn.Module):
     """DeepSeekMoE v1 attention: LLaMA-style multi-head (or grouped-query) attention."""
+
+    attention_fn = staticmethod(eager_attention)
 
     def __init__(self, config, layer_idx=None):
         super().__init__()
@@ -411,11 +418,11 @@ class DeepseekAttention(nn.Module):
             v = v.repeat_interleave(self.num_key_value_groups, dim=1)
         return q, k, v
 
-    def forward(self, hidden_states_BSD, position_embeddings, attention_mask):
+    def forward(self, hidden_states_BSD, position_embeddings, padding_mask):
         B, S, _ = hidden_states_BSD.shape
         query, key, value = self.project_qkv(hidden_states_BSD, position_embeddings)
-        out = eager_attention(query, key, value, attention_mask, self.softmax_scale,
-                              self.attention_dropout, self.training)
+        out = self.attention_fn(query, key, value, padding_mask, self.softmax_scale,
+                                self.attention_dropout, self.training)
         out = out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -440,10 +447,10 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask):
-        """Returns (hidden_states, aux_loss or None)."""
+    def forward(self, hidden_states, position_embeddings, padding_mask=None):
+        """Returns (hidden_states, aux_loss or None). padding_mask: None or [B, S], 0 marks padding."""
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask)
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, padding_mask)
         hidden_states = residual + hidden_states
         residual = hidden_states
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -549,7 +556,7 @@ class _DeepseekModelBody:
         if position_ids is None:
             position_ids = torch.arange(S, device=device).unsqueeze(0).expand(B, S)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
-        mask = causal_attention_mask(attention_mask, B, S, inputs_embeds.dtype, device)
+        padding_mask = attention_mask  # [B, S] or None; the attention kernel adds causality
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -559,9 +566,9 @@ class _DeepseekModelBody:
                 all_hidden_states += (hidden_states,)
             if self.gradient_checkpointing and self.training:
                 hidden_states, aux_loss = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, position_embeddings, mask)
+                    layer.__call__, hidden_states, position_embeddings, padding_mask)
             else:
-                hidden_states, aux_loss = layer(hidden_states, position_embeddings, mask)
+                hidden_states, aux_loss = layer(hidden_states, position_embeddings, padding_mask)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         hidden_states = self.norm(hidden_states)
