@@ -91,11 +91,20 @@ def select_topk_experts(scores_TE, top_k, topk_method="greedy", n_group=None, to
 
 
 def scale_topk_weights(topk_weight_TK, norm_topk_prob, routed_scaling_factor):
-    """norm_topk_prob renormalises the chosen scores to sum to 1; then routed_scaling_factor."""
+    """With norm_topk_prob the chosen scores are renormalised to sum to 1 (and, as in the public
+    DeepSeek-V2 code, not scaled); otherwise they are multiplied by routed_scaling_factor."""
     if topk_weight_TK.shape[-1] > 1 and norm_topk_prob:
         denominator = topk_weight_TK.sum(dim=-1, keepdim=True) + 1e-20
-        return topk_weight_TK / denominator * routed_scaling_factor
+        return topk_weight_TK / denominator
     return topk_weight_TK * routed_scaling_factor
+
+
+def gate_scores(x_TD, weight_ED, scores_in_float32):
+    """Softmax router scores [T, E]. DeepSeek-V2 computes them in float32; DeepSeekMoE v1 in the
+    compute dtype (as the public code of each does)."""
+    if scores_in_float32:
+        return F.linear(x_TD.to(torch.float32), weight_ED.to(torch.float32)).softmax(dim=-1, dtype=torch.float32)
+    return F.linear(x_TD, weight_ED).softmax(dim=-1)
 
 
 def load_balance_loss(scores_TE, topk_idx_TK, batch_size, alpha, seq_aux):
@@ -103,18 +112,20 @@ def load_balance_loss(scores_TE, topk_idx_TK, batch_size, alpha, seq_aux):
 
     f_e is the fraction of the T*K routing slots given to expert e, times E; P_e the mean gate
     score of e. With seq_aux both are taken per sequence and the result is averaged over sequences.
+    Counts are kept in at least float32 (bf16 cannot count past 256).
     """
     T, E = scores_TE.shape
     K = topk_idx_TK.shape[-1]
+    count_dtype = torch.promote_types(scores_TE.dtype, torch.float32)
     if seq_aux:
         seq_len = T // batch_size
         idx_BSK = topk_idx_TK.view(batch_size, seq_len * K)
-        counts_BE = torch.zeros(batch_size, E, device=scores_TE.device, dtype=scores_TE.dtype)
-        counts_BE.scatter_add_(1, idx_BSK, torch.ones_like(idx_BSK, dtype=scores_TE.dtype))
+        counts_BE = torch.zeros(batch_size, E, device=scores_TE.device, dtype=count_dtype)
+        counts_BE.scatter_add_(1, idx_BSK, torch.ones_like(idx_BSK, dtype=count_dtype))
         f_BE = counts_BE / (seq_len * K / E)
         P_BE = scores_TE.view(batch_size, seq_len, E).mean(dim=1)
         return (f_BE * P_BE).sum(dim=1).mean() * alpha
-    f_E = F.one_hot(topk_idx_TK.reshape(-1), num_classes=E).to(scores_TE.dtype).mean(0) * E
+    f_E = F.one_hot(topk_idx_TK.reshape(-1), num_classes=E).to(count_dtype).mean(0) * E
     P_E = scores_TE.mean(0)
     return (P_E * f_E).sum() * alpha
 
@@ -136,17 +147,15 @@ class MoEGate(nn.Module):
         self.topk_group = getattr(config, "topk_group", None)
         self.norm_topk_prob = config.norm_topk_prob
         self.gating_dim = config.hidden_size
+        self.scores_in_float32 = config.model_type == "deepseek_v2"
         self.weight = nn.Parameter(torch.empty((self.n_routed_experts, self.gating_dim)))
 
     def forward(self, hidden_states_BSD):
-        """Returns topk_idx_TK, topk_weight_TK (float32) and the balance loss (None unless training)."""
+        """Returns topk_idx_TK, topk_weight_TK and the balance loss (None unless training)."""
         B, S, D = hidden_states_BSD.shape
-        x_TD = hidden_states_BSD.reshape(-1, D)
-        # Scores in float32 whatever the compute dtype, as the public models do.
-        logits_TE = F.linear(x_TD.to(torch.float32), self.weight.to(torch.float32), None)
         if self.scoring_func != "softmax":
             raise NotImplementedError(f"scoring_func {self.scoring_func!r}")
-        scores_TE = logits_TE.softmax(dim=-1, dtype=torch.float32)
+        scores_TE = gate_scores(hidden_states_BSD.reshape(-1, D), self.weight, self.scores_in_float32)
         topk_weight, topk_idx = select_topk_experts(
             scores_TE, self.top_k, self.topk_method, self.n_group, self.topk_group)
         topk_weight = scale_topk_weights(topk_weight, self.norm_topk_prob, self.routed_scaling_factor)

@@ -32,6 +32,7 @@ from .modeling_deepseek import (
     DeepseekV2Attention,
     causal_attention_mask,
     eager_attention,
+    gate_scores,
     load_balance_loss,
     scale_topk_weights,
     select_topk_experts,
@@ -50,20 +51,19 @@ except Exception:  # noqa: BLE001
 # with seq_aux the balance loss needs whole sequences, the hidden dim is contracted in full, and
 # the experts (e) and choices (k) of a token are decided together. The balance loss is a scalar;
 # split along n, each part is the loss of its own sequences (averaged like the training loss).
-ROUTER_ANNOTATION = "n l^ h^, e^ h^, ?, ?, ?, ?, ?, ?, ?, ? -> (n l^) k^, (n l^) k^, 1"
+ROUTER_ANNOTATION = "n l^ h^, e^ h^, ?, ?, ?, ?, ?, ?, ?, ?, ? -> (n l^) k^, (n l^) k^, 1"
 
 
 def _routing_weights_and_aux(hidden_BSD, gate_weight_ED, topk_idx_TK, norm_topk_prob,
-                             routed_scaling_factor, aux_loss_alpha, seq_aux):
+                             routed_scaling_factor, aux_loss_alpha, seq_aux, scores_in_float32):
     """The differentiable part of routing, for a fixed choice of experts."""
     B, S, D = hidden_BSD.shape
-    logits_TE = F.linear(hidden_BSD.reshape(-1, D).to(torch.float32), gate_weight_ED.to(torch.float32))
-    scores_TE = logits_TE.softmax(dim=-1, dtype=torch.float32)
+    scores_TE = gate_scores(hidden_BSD.reshape(-1, D), gate_weight_ED, scores_in_float32)
     weights_TK = scale_topk_weights(scores_TE.gather(1, topk_idx_TK), norm_topk_prob, routed_scaling_factor)
     if aux_loss_alpha > 0:
         aux = load_balance_loss(scores_TE, topk_idx_TK, B, aux_loss_alpha, seq_aux)
     else:
-        aux = scores_TE.new_zeros(())
+        aux = scores_TE.new_zeros((), dtype=torch.promote_types(scores_TE.dtype, torch.float32))
     return scores_TE, weights_TK, aux
 
 
@@ -71,33 +71,37 @@ def _routing_weights_and_aux(hidden_BSD, gate_weight_ED, topk_idx_TK, norm_topk_
 @torch.library.custom_op("deepseek::moe_route", mutates_args=())
 def moe_route(hidden_BSD: torch.Tensor, gate_weight_ED: torch.Tensor, top_k: int, topk_method: str,
               n_group: int, topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float,
-              aux_loss_alpha: float, seq_aux: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns topk_idx [T, K] int64, topk_weight [T, K] float32, balance loss [] float32
-    (zero when aux_loss_alpha is 0, which the caller passes outside training)."""
+              aux_loss_alpha: float, seq_aux: bool, scores_in_float32: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns topk_idx [T, K] int64, topk_weight [T, K] (float32 when scores_in_float32, else the
+    input dtype) and the balance loss [] float32 (zero when aux_loss_alpha is 0, which the caller
+    passes outside training)."""
     with torch.no_grad():
         B, S, D = hidden_BSD.shape
-        logits_TE = F.linear(hidden_BSD.reshape(-1, D).to(torch.float32), gate_weight_ED.to(torch.float32))
-        scores_TE = logits_TE.softmax(dim=-1, dtype=torch.float32)
+        scores_TE = gate_scores(hidden_BSD.reshape(-1, D), gate_weight_ED, scores_in_float32)
         _, topk_idx_TK = select_topk_experts(scores_TE, top_k, topk_method, n_group, topk_group)
         _, weights_TK, aux = _routing_weights_and_aux(hidden_BSD, gate_weight_ED, topk_idx_TK, norm_topk_prob,
-                                                      routed_scaling_factor, aux_loss_alpha, seq_aux)
+                                                      routed_scaling_factor, aux_loss_alpha, seq_aux,
+                                                      scores_in_float32)
     return topk_idx_TK, weights_TK, aux
 
 
 @moe_route.register_fake
 def _moe_route_fake(hidden_BSD, gate_weight_ED, top_k, topk_method, n_group, topk_group, norm_topk_prob,
-                    routed_scaling_factor, aux_loss_alpha, seq_aux):
+                    routed_scaling_factor, aux_loss_alpha, seq_aux, scores_in_float32):
     T = hidden_BSD.shape[0] * hidden_BSD.shape[1]
+    scores_dtype = torch.float32 if scores_in_float32 else hidden_BSD.dtype
     return (hidden_BSD.new_empty((T, top_k), dtype=torch.int64),
-            hidden_BSD.new_empty((T, top_k), dtype=torch.float32),
-            hidden_BSD.new_empty((), dtype=torch.float32))
+            hidden_BSD.new_empty((T, top_k), dtype=scores_dtype),
+            hidden_BSD.new_empty((), dtype=torch.promote_types(scores_dtype, torch.float32)))
 
 
 def _moe_route_setup_context(ctx, inputs, output):
-    hidden_BSD, gate_weight_ED, _, _, _, _, norm_topk_prob, routed_scaling_factor, aux_loss_alpha, seq_aux = inputs
+    hidden_BSD, gate_weight_ED, *_ = inputs
     ctx.save_for_backward(hidden_BSD, gate_weight_ED, output[0])
     ctx.mark_non_differentiable(output[0])  # expert indices
-    ctx.routing = (norm_topk_prob, routed_scaling_factor, aux_loss_alpha, seq_aux)
+    # norm_topk_prob, routed_scaling_factor, aux_loss_alpha, seq_aux, scores_in_float32
+    ctx.routing = tuple(inputs[6:])
 
 
 def _moe_route_backward(ctx, grad_idx, grad_weights_TK, grad_aux):
@@ -115,11 +119,11 @@ def _moe_route_backward(ctx, grad_idx, grad_weights_TK, grad_aux):
             outputs.append(aux), grads.append(grad_aux)
         inputs = [t for t in (x, w) if t.requires_grad]
         if not outputs or not inputs:
-            return (None,) * 10
+            return (None,) * 11
         got = iter(torch.autograd.grad(outputs, inputs, grads, allow_unused=True))
     grad_x = next(got) if x.requires_grad else None
     grad_w = next(got) if w.requires_grad else None
-    return (grad_x, grad_w) + (None,) * 8
+    return (grad_x, grad_w) + (None,) * 9
 
 
 moe_route.register_autograd(_moe_route_backward, setup_context=_moe_route_setup_context)
@@ -139,12 +143,13 @@ class RouterGate(nn.Module):
         self.routed_scaling_factor = float(gate.routed_scaling_factor)
         self.alpha = float(gate.alpha)
         self.seq_aux = gate.seq_aux
+        self.scores_in_float32 = gate.scores_in_float32
 
     def forward(self, hidden_BSD):
         alpha = self.alpha if self.training else 0.0
         topk_idx, topk_weight, aux = torch.ops.deepseek.moe_route(
             hidden_BSD, self.weight, self.top_k, self.topk_method, self.n_group, self.topk_group,
-            self.norm_topk_prob, self.routed_scaling_factor, alpha, self.seq_aux)
+            self.norm_topk_prob, self.routed_scaling_factor, alpha, self.seq_aux, self.scores_in_float32)
         return topk_idx, topk_weight, (aux if alpha > 0 else None)
 
 

@@ -253,9 +253,8 @@ def test_greedy_topk_with_and_without_norm_topk_prob():
     torch.testing.assert_close(scale_topk_weights(w, True, 1.0),
                                torch.tensor([[0.40 / 0.65, 0.25 / 0.65], [0.30 / 0.65, 0.35 / 0.65]],
                                             dtype=torch.float64))
-    torch.testing.assert_close(scale_topk_weights(w, True, 16.0),
-                               16 * torch.tensor([[0.40 / 0.65, 0.25 / 0.65], [0.30 / 0.65, 0.35 / 0.65]],
-                                                 dtype=torch.float64))
+    # As in the public DeepSeek-V2 code, renormalised weights are not scaled by routed_scaling_factor.
+    torch.testing.assert_close(scale_topk_weights(w, True, 16.0), scale_topk_weights(w, True, 1.0))
     torch.testing.assert_close(scale_topk_weights(w, False, 2.5), 2.5 * w)
 
 
@@ -357,3 +356,13 @@ def test_save_pretrained_from_pretrained_round_trip_is_bitwise(name, tmp_path):
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("name,weight_dtype", [("tiny-deepseek-v2", torch.float32),
+                                               ("tiny-deepseek-moe", torch.bfloat16)])
+def test_gate_precision_follows_each_public_model(name, weight_dtype):
+    """DeepSeek-V2 scores in float32 whatever the compute dtype; DeepSeekMoE v1 in the compute dtype."""
+    config, model = _tiny(name)
+    gate = model.to(torch.bfloat16).model.layers[1].mlp.gate
+    _, weights, _ = gate(torch.randn(1, 4, config.hidden_size, dtype=torch.bfloat16))
+    assert weights.dtype == weight_dtype

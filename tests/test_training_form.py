@@ -240,7 +240,7 @@ def test_router_op_checks_with_torch_library_opcheck():
     config = _config("tiny-deepseek-v2")
     hidden = torch.randn(2, 4, config.hidden_size, requires_grad=True)
     weight = torch.randn(config.n_routed_experts, config.hidden_size, requires_grad=True)
-    args = (hidden, weight, 2, "greedy", 1, 1, False, 1.0, 0.001, True)
+    args = (hidden, weight, 2, "greedy", 1, 1, False, 1.0, 0.001, True, True)
     # (test_aot_dispatch_dynamic is left out: its harness sums all outputs into the first one's
     # dtype, which fails for an integer first output; torch.compile is checked below instead.)
     torch.library.opcheck(torch.ops.deepseek.moe_route.default, args,
