@@ -6,8 +6,9 @@
 * the router (scores, top-k choice, weights, balance loss) becomes one registered custom op,
   `deepseek::moe_route`, with a fake implementation (so it traces on the meta device), its own
   autograd, and an annotation in the compiler's registry saying how it may be partitioned;
-* each MoE layer's experts are merged into stacked parameters (`gate_proj_EFD`, `up_proj_EFD`,
-  `down_proj_EDF`) computed by permute -> grouped GEMM -> unpermute (`moe_utils.py`);
+* each MoE layer's experts are merged into stacked parameters (`gate_up_proj_E2FD`: gate and up
+  of every expert, `down_proj_EDF`) computed by permute -> grouped GEMM -> unpermute
+  (`moe_utils.py`);
 * attention runs through `scaled_dot_product_attention`, or flash-attn when it is installed.
 
 Outputs equal the reference's to float tolerance, forward and backward. `merge_experts` and
@@ -157,14 +158,16 @@ class RouterGate(nn.Module):
 # Merged experts
 # ----------------------------------------------------------------------------------------------
 class MergedExperts(nn.Module):
-    """All routed experts of a layer as three stacked tensors, in the HF [out, in] orientation."""
+    """All routed experts of a layer as two stacked tensors, in the HF [out, in] orientation:
+    gate_up_proj_E2FD[e, 0] is expert e's gate_proj.weight, [e, 1] its up_proj.weight, and
+    down_proj_EDF[e] its down_proj.weight. Keeping gate and up on their own axis (rather than
+    concatenated along F) lets a tensor-parallel plan split F with a plain shard of dim 2."""
 
     def __init__(self, num_experts, hidden_size, intermediate_size, device=None, dtype=None):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.num_experts = num_experts
-        self.gate_proj_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size, **kw))
-        self.up_proj_EFD = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size, **kw))
+        self.gate_up_proj_E2FD = nn.Parameter(torch.empty(num_experts, 2, intermediate_size, hidden_size, **kw))
         self.down_proj_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
         self.grouped_mm_backend = "torch"
 
@@ -176,13 +179,13 @@ class MergedExperts(nn.Module):
                      device=first.gate_proj.weight.device, dtype=first.gate_proj.weight.dtype)
         if first.gate_proj.weight.device.type != "meta":
             with torch.no_grad():
-                merged.gate_proj_EFD.copy_(torch.stack([e.gate_proj.weight for e in experts]))
-                merged.up_proj_EFD.copy_(torch.stack([e.up_proj.weight for e in experts]))
+                merged.gate_up_proj_E2FD.copy_(torch.stack(
+                    [torch.stack([e.gate_proj.weight, e.up_proj.weight]) for e in experts]))
                 merged.down_proj_EDF.copy_(torch.stack([e.down_proj.weight for e in experts]))
         return merged
 
     def forward(self, x_TD, topk_idx_TK, topk_weight_TK):
-        return moe_utils.expert_swiglu(x_TD, topk_idx_TK, topk_weight_TK, self.gate_proj_EFD, self.up_proj_EFD,
+        return moe_utils.expert_swiglu(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj_E2FD,
                                        self.down_proj_EDF, backend=self.grouped_mm_backend)
 
 
@@ -279,27 +282,32 @@ def is_training_form(model):
 # State-dict conversion between HF per-expert names and merged names
 # ----------------------------------------------------------------------------------------------
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-_MERGED_NAME = {"gate_proj": "gate_proj_EFD", "up_proj": "up_proj_EFD", "down_proj": "down_proj_EDF"}
-_MERGED_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<name>gate_proj_EFD|up_proj_EFD|down_proj_EDF)$")
+_MERGED_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<name>gate_up_proj_E2FD|down_proj_EDF)$")
 
 
 def merge_experts(state_dict, config):
-    """HF names (`...mlp.experts.{i}.{gate,up,down}_proj.weight`) -> stacked `...mlp.experts.{name}`.
+    """HF names (`...mlp.experts.{i}.{gate,up,down}_proj.weight`) -> `...mlp.experts.gate_up_proj_E2FD`
+    and `...mlp.experts.down_proj_EDF`.
 
     Raises ValueError naming the layer and projection if an expert is missing."""
-    out, groups = {}, {}
+    out, layers = {}, {}
     for key, value in state_dict.items():
         m = _EXPERT_KEY.match(key)
         if m is None:
             out[key] = value
             continue
-        groups.setdefault((m["prefix"], m["proj"]), {})[int(m["idx"])] = value
-    for (prefix, proj), by_index in groups.items():
-        missing = sorted(set(range(config.n_routed_experts)) - set(by_index))
-        if missing or len(by_index) != config.n_routed_experts:
-            raise ValueError(f"{prefix}: {proj} of expert(s) {missing[:8]} missing; a layer needs all "
-                             f"{config.n_routed_experts} experts (n_routed_experts) to be merged")
-        out[f"{prefix}.{_MERGED_NAME[proj]}"] = torch.stack([by_index[i] for i in range(config.n_routed_experts)])
+        layers.setdefault(m["prefix"], {}).setdefault(m["proj"], {})[int(m["idx"])] = value
+    expected = set(range(config.n_routed_experts))
+    for prefix, projections in layers.items():
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            missing = sorted(expected - set(projections.get(proj, {})))
+            if missing:
+                raise ValueError(f"{prefix}: {proj} of expert(s) {missing[:8]} missing; a layer needs all "
+                                 f"{config.n_routed_experts} experts (n_routed_experts) to be merged")
+        gate, up, down = ([projections[proj][i] for i in range(config.n_routed_experts)]
+                          for proj in ("gate_proj", "up_proj", "down_proj"))
+        out[f"{prefix}.gate_up_proj_E2FD"] = torch.stack([torch.stack(pair) for pair in zip(gate, up)])
+        out[f"{prefix}.down_proj_EDF"] = torch.stack(down)
     return out
 
 
@@ -313,9 +321,13 @@ def split_experts(state_dict, config):
             continue
         if value.shape[0] != config.n_routed_experts:
             raise ValueError(f"{key}: first dim {value.shape[0]} != n_routed_experts {config.n_routed_experts}")
-        proj = m["name"].rsplit("_", 1)[0]
+        prefix = m["prefix"]
         for i, tensor in enumerate(value.unbind(0)):
-            out[f"{m['prefix']}.{i}.{proj}.weight"] = tensor.clone()
+            if m["name"] == "down_proj_EDF":
+                out[f"{prefix}.{i}.down_proj.weight"] = tensor.clone()
+            else:
+                out[f"{prefix}.{i}.gate_proj.weight"] = tensor[0].clone()
+                out[f"{prefix}.{i}.up_proj.weight"] = tensor[1].clone()
     return out
 
 

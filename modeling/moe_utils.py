@@ -21,6 +21,39 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 GROUPED_MM_BACKENDS = ("torch", "grouped_gemm")
 
 
+_FUSED_KERNELS = {"enabled": True}
+
+
+def set_fused_kernels(enabled):
+    """Turns the torch.compile-fused kernels on CUDA on or off (off: plain eager operators)."""
+    _FUSED_KERNELS["enabled"] = bool(enabled)
+
+
+def _compiled_on_cuda(fn):
+    """fn itself on the CPU and the meta device; on CUDA, one fused kernel made by torch.compile.
+
+    Used for the memory-bound elementwise and gather-reduce work between the grouped GEMMs, where
+    eager PyTorch would make one pass over [T*K, ...] tensors per operator."""
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if not (args[0].is_cuda and _FUSED_KERNELS["enabled"]):
+            return fn(*args)
+        if compiled is None:
+            # Static shapes: the row widths (2F, D) are then known multiples of 16 bytes and the
+            # kernels vectorise; with dynamic shapes they ran 3-5x slower. A model has one token
+            # count per micro-batch shape, so this compiles once per shape.
+            # Each distinct shape is a recompile; leave room for every layer shape of a plan.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+        return compiled(*args)
+
+    call.__name__ = call.__qualname__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
+
+
 def grouped_gemm_package_available():
     return _grouped_gemm_pkg is not None
 
@@ -31,29 +64,127 @@ def tokens_per_expert(topk_idx_TK, num_experts):
     return counts.scatter_add_(0, topk_idx_TK.reshape(-1), torch.ones_like(topk_idx_TK.reshape(-1)))
 
 
-def permute(x_TD, topk_idx_TK):
-    """Rows of x, one per slot, grouped by expert.
+class _DispatchRows(torch.autograd.Function):
+    """x_TD -> x_sorted_ND: row j is token sorted_tokens_N[j]. Backward gathers each token's K
+    gradient rows (found through the inverse permutation) and sums them, so neither direction
+    needs atomic scatter-adds (what index_select's default backward, index_add, would use)."""
 
-    Returns x_sorted_ND and sorted_slots_N: position j of the sorted order holds slot
-    sorted_slots_N[j], i.e. token sorted_slots_N[j] // K. A stable sort keeps tokens in order within
-    an expert, which makes the result independent of the sort implementation.
+    @staticmethod
+    def forward(ctx, x_TD, sorted_tokens_N, slot_position_N, top_k):
+        ctx.save_for_backward(slot_position_N)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, sorted_tokens_N)
+
+    @staticmethod
+    def backward(ctx, grad_sorted_ND):
+        (slot_position_N,) = ctx.saved_tensors
+        return _sum_slots(grad_sorted_ND, slot_position_N, ctx.top_k), None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """y_sorted_ND -> y_TD: each token's K slot rows, summed in float32. The backward is the
+    dispatch gather."""
+
+    @staticmethod
+    def forward(ctx, y_sorted_ND, sorted_tokens_N, slot_position_N, top_k):
+        ctx.save_for_backward(sorted_tokens_N)
+        return _sum_slots(y_sorted_ND, slot_position_N, top_k)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        (sorted_tokens_N,) = ctx.saved_tensors
+        return grad_TD.index_select(0, sorted_tokens_N), None, None, None
+
+
+@_compiled_on_cuda
+def _sum_slots(rows_ND, slot_position_N, top_k):
+    """Rows in sorted order -> per-token sums [T, D] (float32 accumulation, input dtype out).
+
+    Written as K gathers added element by element (not a reduction over a [T, K, D] view), so the
+    fused kernel is a pointwise pass over [T, D] that reads each gathered row contiguously."""
+    position_TK = slot_position_N.view(-1, top_k)
+    acc_dtype = torch.promote_types(rows_ND.dtype, torch.float32)
+    total = rows_ND.index_select(0, position_TK[:, 0]).to(acc_dtype)
+    for k in range(1, top_k):
+        total = total + rows_ND.index_select(0, position_TK[:, k]).to(acc_dtype)
+    return total.to(rows_ND.dtype)
+
+
+@_compiled_on_cuda
+def _weighted_swiglu_forward(gate_up_N2F, weight_N1):
+    """silu(gate) * up * weight, in float32, rounded once to the input dtype."""
+    gate, up = gate_up_N2F.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up * weight_N1).to(gate_up_N2F.dtype)
+
+
+@_compiled_on_cuda
+def _weighted_swiglu_backward(gate_up_N2F, weight_N1, grad_h_NF):
+    gate, up = gate_up_N2F.float().chunk(2, dim=-1)
+    grad_h = grad_h_NF.float()
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    grad_act = grad_h * weight_N1  # gradient reaching silu(gate) * up
+    grad_gate = grad_act * up * sig * (1 + gate * (1 - sig))
+    grad_up = grad_act * silu
+    grad_weight = (grad_h * silu * up).sum(dim=-1, keepdim=True)
+    grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1).to(gate_up_N2F.dtype)
+    return grad_gate_up, grad_weight.to(weight_N1.dtype)
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """h = silu(gate) * up * w for gate_up = [gate | up] ([N, 2F]) and a per-row weight w ([N, 1]).
+
+    One pass each way: the backward writes the [N, 2F] gradient of the fused gate+up GEMM's output
+    directly, so the GEMM's input gradient is a single grouped GEMM too."""
+
+    @staticmethod
+    def forward(ctx, gate_up_N2F, weight_N1):
+        ctx.save_for_backward(gate_up_N2F, weight_N1)
+        return _weighted_swiglu_forward(gate_up_N2F, weight_N1)
+
+    @staticmethod
+    def backward(ctx, grad_h_NF):
+        gate_up_N2F, weight_N1 = ctx.saved_tensors
+        return _weighted_swiglu_backward(gate_up_N2F, weight_N1, grad_h_NF.contiguous())
+
+
+def weighted_swiglu(gate_up_N2F, weight_N1):
+    return _WeightedSwiGLU.apply(gate_up_N2F, weight_N1)
+
+
+def sort_slots(topk_idx_TK):
+    """Groups the slots by expert. Returns (sorted_slots_N, sorted_tokens_N, slot_position_N,
+    group_end_offsets_E).
+
+    Position j of the sorted order holds slot sorted_slots_N[j], which belongs to token
+    sorted_tokens_N[j] = sorted_slots_N[j] // K; slot s sits at position slot_position_N[s];
+    group_end_offsets_E[e] (int32) is where expert e's rows end. A stable sort keeps tokens in
+    order within an expert, which makes the result independent of the sort implementation.
     """
-    K = topk_idx_TK.shape[-1]
-    sorted_slots_N = torch.argsort(topk_idx_TK.reshape(-1), stable=True)
-    return x_TD.index_select(0, sorted_slots_N // K), sorted_slots_N
-
-
-def unpermute(y_sorted_ND, sorted_slots_N, topk_weight_TK, out_dtype):
-    """Back to slot order, weight each slot, sum a token's K slots: [T, D] in out_dtype.
-
-    The weighted sum runs in the routing weights' float32, as the reference does.
-    """
-    T, K = topk_weight_TK.shape
-    # inverse permutation: slot s sits at position slot_position[s] of the sorted order
+    top_k = topk_idx_TK.shape[-1]
+    num_slots = topk_idx_TK.numel()
+    # int32 keys: the radix sort makes half the passes it would over int64
+    sorted_experts_N, sorted_slots_N = torch.sort(topk_idx_TK.reshape(-1).to(torch.int32), stable=True)
+    sorted_tokens_N = torch.div(sorted_slots_N, top_k, rounding_mode="floor")
     slot_position_N = torch.empty_like(sorted_slots_N)
-    slot_position_N.scatter_(0, sorted_slots_N, torch.arange(sorted_slots_N.numel(), device=sorted_slots_N.device))
-    y_slots_TKD = y_sorted_ND.index_select(0, slot_position_N).view(T, K, -1)
-    return (y_slots_TKD * topk_weight_TK.unsqueeze(-1)).sum(dim=1).to(out_dtype)
+    slot_position_N.scatter_(0, sorted_slots_N, torch.arange(num_slots, device=sorted_slots_N.device))
+    return sorted_slots_N, sorted_tokens_N, slot_position_N, sorted_experts_N
+
+
+def group_end_offsets(sorted_experts_N, num_experts):
+    """int32 [E]: one past the last sorted row of each expert (the `offs` of torch._grouped_mm)."""
+    experts = torch.arange(num_experts, device=sorted_experts_N.device, dtype=sorted_experts_N.dtype)
+    return torch.searchsorted(sorted_experts_N, experts, right=True, out_int32=True)
+
+
+def permute(x_TD, sorted_tokens_N, slot_position_N, top_k):
+    """Rows of x, one per slot, grouped by expert: [T*K, D]."""
+    return _DispatchRows.apply(x_TD, sorted_tokens_N, slot_position_N, top_k)
+
+
+def unpermute(y_sorted_ND, sorted_tokens_N, slot_position_N, top_k):
+    """Back to tokens: the sum of each token's K (already weighted) slot rows, [T, D]."""
+    return _CombineRows.apply(y_sorted_ND, sorted_tokens_N, slot_position_N, top_k)
 
 
 def grouped_mm(x_ND, w_EOI, group_end_offsets_E, counts_E=None, backend="torch"):
@@ -76,13 +207,23 @@ def grouped_mm(x_ND, w_EOI, group_end_offsets_E, counts_E=None, backend="torch")
     return torch._grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=group_end_offsets_E)
 
 
-def expert_swiglu(x_TD, topk_idx_TK, topk_weight_TK, gate_EFD, up_EFD, down_EDF, backend="torch"):
-    """The routed-expert block: sum_k w_tk * down_e(silu(gate_e x_t) * up_e x_t), e = idx_tk."""
-    num_experts = gate_EFD.shape[0]
-    x_sorted_ND, sorted_slots_N = permute(x_TD, topk_idx_TK)
-    counts_E = tokens_per_expert(topk_idx_TK, num_experts)
-    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    h_NF = F.silu(grouped_mm(x_sorted_ND, gate_EFD, offsets_E, counts_E, backend)) * \
-        grouped_mm(x_sorted_ND, up_EFD, offsets_E, counts_E, backend)
+def expert_swiglu(x_TD, topk_idx_TK, topk_weight_TK, gate_up_E2FD, down_EDF, backend="torch"):
+    """The routed-expert block: sum_k w_tk * down_e(silu(gate_e x_t) * up_e x_t), e = idx_tk.
+
+    gate_up_E2FD holds each expert's gate and up projections stacked ([E, 2, F, D]), so one grouped
+    GEMM computes both. The routing weight scales each slot's activation before the down
+    projection (which is linear, so this equals weighting its output) inside the SwiGLU kernel, in
+    float32; the K slots of a token are summed in float32. No [T*K, D] float32 tensor is ever
+    materialised and no operator waits for the host.
+    """
+    E, _, F_, D = gate_up_E2FD.shape
+    top_k = topk_idx_TK.shape[-1]
+    sorted_slots_N, sorted_tokens_N, slot_position_N, sorted_experts_N = sort_slots(topk_idx_TK)
+    x_sorted_ND = permute(x_TD, sorted_tokens_N, slot_position_N, top_k)
+    offsets_E = group_end_offsets(sorted_experts_N, E)
+    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)) if backend == "grouped_gemm" else None
+    weight_N1 = topk_weight_TK.reshape(-1).index_select(0, sorted_slots_N).unsqueeze(-1)
+    gate_up_N2F = grouped_mm(x_sorted_ND, gate_up_E2FD.reshape(E, 2 * F_, D), offsets_E, counts_E, backend)
+    h_NF = weighted_swiglu(gate_up_N2F, weight_N1)
     y_sorted_ND = grouped_mm(h_NF, down_EDF, offsets_E, counts_E, backend)
-    return unpermute(y_sorted_ND, sorted_slots_N, topk_weight_TK, x_TD.dtype)
+    return unpermute(y_sorted_ND, sorted_tokens_N, slot_position_N, top_k)

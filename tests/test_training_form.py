@@ -125,8 +125,7 @@ def test_experts_are_merged_into_stacked_parameters():
     training = apply_training_form(build_model(config, seed=0))
     names = dict(training.named_parameters())
     E, F, D = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
-    assert names["model.layers.1.mlp.experts.gate_proj_EFD"].shape == (E, F, D)
-    assert names["model.layers.1.mlp.experts.up_proj_EFD"].shape == (E, F, D)
+    assert names["model.layers.1.mlp.experts.gate_up_proj_E2FD"].shape == (E, 2, F, D)
     assert names["model.layers.1.mlp.experts.down_proj_EDF"].shape == (E, D, F)
     assert "model.layers.1.mlp.gate.weight" in names
     assert not any(".experts.0." in n for n in names)
@@ -139,7 +138,7 @@ def test_split_of_merge_is_bitwise_identity(name):
     config = _config(name)
     state = build_model(config, seed=4, dtype=torch.bfloat16).state_dict()
     merged = merge_experts(state, config)
-    assert "model.layers.1.mlp.experts.gate_proj_EFD" in merged
+    assert "model.layers.1.mlp.experts.gate_up_proj_E2FD" in merged
     assert not any(".experts.3." in k for k in merged)
     back = split_experts(merged, config)
     assert back.keys() == state.keys()
@@ -197,7 +196,7 @@ def test_coder_v2_lite_training_form_runs_on_meta_with_one_router_op():
     # The router is one op per MoE layer: its top-k and softmax never show up separately.
     assert recorder.names.count("deepseek.moe_route") == moe_layers
     assert "aten.topk" not in recorder.names
-    assert recorder.names.count("aten._grouped_mm") >= 3 * moe_layers
+    assert recorder.names.count("aten._grouped_mm") >= 2 * moe_layers
     # The annotation agrees with the traced shapes of every call.
     annotation = get_op_annotation("deepseek::moe_route")
     assert annotation is not None and annotation.text == ROUTER_ANNOTATION
