@@ -35,7 +35,7 @@ def build_parser():
     plan = p.add_argument_group("parallel plan")
     plan.add_argument("--plan_ngpus", type=int, help="devices one copy of the plan spans")
     plan.add_argument("--runtime_ngpus", type=int,
-                      help="devices of the run; a multiple of --plan_ngpus (the plan is replicated)")
+                      help="devices of the run; a multiple of --plan_ngpus, the plan being replicated runtime_ngpus / plan_ngpus times (default: --plan_ngpus)")
     plan.add_argument("--plan", help="plan file to run or inspect (default: found in plans/ by model and P)")
     plan.add_argument("--plan_out", help="where compile writes the plan (default plans/<model>-<P>gpu.json)")
     plan.add_argument("--mem_limit_gib", type=float, default=64.0, help="memory limit per device for the search")
@@ -54,12 +54,49 @@ def build_parser():
     return p
 
 
+def run_compile(args):
+    from compiler.compile import CompileRequest, compile_plan
+    from compiler.plan import summarize
+    if args.model_id is None or args.plan_ngpus is None:
+        raise UsageError("--run_mode compile needs --model_id and --plan_ngpus")
+    plan, path = compile_plan(CompileRequest(
+        model_id=args.model_id, plan_ngpus=args.plan_ngpus, runtime_ngpus=args.runtime_ngpus,
+        seq_len=args.seq_len, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        mem_limit_gib=args.mem_limit_gib, device_profile=args.device_profile, plan_out=args.plan_out))
+    print(summarize(plan))
+    print(f"plan: {path}  report: {path[:-5]}.md, {path[:-5]}.png")
+    return 0
+
+
+def run_inspect(args):
+    from compiler.compile import inspect_plan
+    if args.plan is None:
+        raise UsageError("--run_mode inspect needs --plan FILE")
+    return inspect_plan(args.plan, args.model_id)
+
+
+class UsageError(ValueError):
+    pass
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    # The compiler and runtime land in later steps; say so plainly instead of pretending to run.
-    print(f"train.py: --run_mode {args.run_mode} is not available yet in this version; "
-          "see README.md for what runs today (python demo.py).", file=sys.stderr)
-    return 2
+    from compiler.plan import PlanError
+    from compiler.profiles import ProfileError
+    from compiler.search import NoPlanFits
+    from modeling.loading import ModelDirError
+    try:
+        if args.run_mode == "compile":
+            return run_compile(args)
+        if args.run_mode == "inspect":
+            return run_inspect(args)
+        # The runtime lands in a later step; say so plainly instead of pretending to run.
+        print("error: --run_mode run is not available yet in this version; compile and inspect plans "
+              "with --run_mode compile / inspect", file=sys.stderr)
+        return 2
+    except (UsageError, PlanError, ProfileError, NoPlanFits, ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

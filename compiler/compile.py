@@ -1,0 +1,200 @@
+"""`train.py --run_mode compile`: trace, cost, search, and save the plan with its report.
+
+    compile_plan(CompileRequest(model_id=..., plan_ngpus=4, runtime_ngpus=8, ...)) -> (Plan, path)
+
+Runs on a CPU in seconds: the model is built on the meta device, so no weights are read or
+allocated, whatever the model's size.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from compiler.cost_model import CostModel, model_costs
+from compiler.plan import Plan, PlanError, Stage, default_plan_path, model_fingerprint, model_name_of, summarize
+from compiler.profiles import load_profile
+from compiler.search import explain, search
+from compiler.trace import build_traced_model, trace_training_step
+
+RUNNERS_UP = 8
+
+
+@dataclass
+class CompileRequest:
+    model_id: str
+    plan_ngpus: int
+    runtime_ngpus: Optional[int] = None
+    seq_len: int = 2048
+    micro_batch_size: int = 4
+    global_batch_size: int = 64
+    mem_limit_gib: float = 64.0
+    device_profile: str = "h100"
+    plan_out: Optional[str] = None
+    plans_dir: str = "plans"
+    report: bool = True
+    compute_dtype: Optional[str] = None   # bf16 (default on GPUs) or fp32 (default for the cpu profile)
+
+
+def check_request(req: CompileRequest):
+    """Flag errors before any work; each message names the flag and the fix."""
+    if req.plan_ngpus is None or req.plan_ngpus < 1:
+        raise PlanError("--plan_ngpus must be a positive number of devices")
+    runtime = req.runtime_ngpus or req.plan_ngpus
+    if runtime % req.plan_ngpus:
+        raise PlanError(f"--runtime_ngpus {runtime} is not a multiple of --plan_ngpus {req.plan_ngpus}: the plan is "
+                        "replicated runtime_ngpus / plan_ngpus times; choose a multiple")
+    for flag, value in (("--seq_len", req.seq_len), ("--micro_batch_size", req.micro_batch_size),
+                        ("--global_batch_size", req.global_batch_size)):
+        if value < 1:
+            raise PlanError(f"{flag} must be positive, got {value}")
+    if req.seq_len < 2:
+        raise PlanError("--seq_len must be at least 2 (inputs and next-token labels)")
+    if req.global_batch_size % req.micro_batch_size:
+        raise PlanError(f"--global_batch_size {req.global_batch_size} is not a multiple of --micro_batch_size "
+                        f"{req.micro_batch_size}")
+    if req.mem_limit_gib <= 0:
+        raise PlanError("--mem_limit_gib must be positive")
+
+
+def _log(msg):
+    print(f"[compile] {msg}", file=sys.stderr, flush=True)
+
+
+def compile_plan(req: CompileRequest):
+    """Returns (plan, plan_path). Raises PlanError, ProfileError, ModelDirError or NoPlanFits."""
+    from modeling import load_config
+
+    check_request(req)
+    runtime = req.runtime_ngpus or req.plan_ngpus
+    started = time.perf_counter()
+    config = load_config(req.model_id)
+    profile = load_profile(req.device_profile)
+    mem_limit = req.mem_limit_gib
+    if mem_limit > profile.memory_gib:
+        _log(f"--mem_limit_gib {mem_limit:g} exceeds the {profile.memory_gib:g} GiB of a {profile.device_name}; "
+             f"using {profile.memory_gib:g} GiB")
+        mem_limit = profile.memory_gib
+
+    dtype = req.compute_dtype or ("fp32" if profile.name == "cpu" else "bf16")
+    if dtype not in ("bf16", "fp32"):
+        raise PlanError(f"compute dtype {dtype!r}: use bf16 or fp32")
+    _log(f"tracing the training form of {req.model_id} on the meta device "
+         f"(micro-batch {req.micro_batch_size} x {req.seq_len} tokens, {dtype})")
+    model = build_traced_model(config, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    graph = trace_training_step(model, req.micro_batch_size, req.seq_len)
+    _log(f"traced {len(graph.ops)} ops ({graph.total_flops() / 1e12:.2f} TFLOP per micro-batch, "
+         f"{len(graph.custom_ops())} annotated custom-op calls) in {graph.trace_seconds:.1f} s")
+
+    costs = model_costs(graph, config)
+    cost_model = CostModel(costs, profile, mem_limit, runtime_replicas=runtime // req.plan_ngpus, dtype=dtype)
+    _log(f"searching plans for {req.plan_ngpus} devices with the {profile.name} profile, "
+         f"{mem_limit:g} GiB per device")
+    result = search(cost_model, req.plan_ngpus, runtime, req.global_batch_size, req.micro_batch_size)
+    _log(f"scored {result.considered} candidates, {len(result.ranked)} fit")
+
+    name = model_name_of(req.model_id)
+    plan = build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dtype)
+    path = req.plan_out or default_plan_path(name, req.plan_ngpus, req.plans_dir)
+    plan.save(path)
+    if req.report:
+        from compiler.report import write_report
+        stem = os.path.splitext(path)[0]
+        write_report(plan, stem + ".md", stem + ".png")
+    _log(f"done in {time.perf_counter() - started:.1f} s; plan written to {path}")
+    return plan, path
+
+
+def _ops_section(cand, graph):
+    tp, ep = cand.tp, cand.ep
+
+    def split(kind):
+        return {"partition": kind if tp > 1 else "replicate", "tp": tp}
+
+    data_axes = [axis for axis, size in (("dp", cand.dp), ("ep", cand.ep)) if size > 1]
+    ops = {
+        "embedding": split("vocab"),
+        "attention": split("heads"),
+        "dense_mlp": split("intermediate"),
+        "shared_experts": split("intermediate"),
+        "experts": {"partition": "expert" if ep > 1 else ("intermediate" if tp > 1 else "replicate"),
+                    "ep": ep, "tp": tp, "dispatch": "all_to_all" if ep > 1 else "local"},
+        "lm_head": split("vocab"),
+    }
+    from compiler.annotations import parse_annotation
+    for op in graph.custom_ops():
+        qualname = op.name.replace(".", "::", 1)
+        if qualname in ops:
+            continue
+        annotation = parse_annotation(op.annotation)
+        first = annotation.inputs[0].dims[0] if annotation.inputs[0].dims else ()
+        batch_dim = first[0].name if len(first) == 1 and first[0].splittable else None
+        ops[qualname] = {"annotation": op.annotation,
+                         "split": {batch_dim: ["replica"] + data_axes} if batch_dim else {},
+                         "replicated_over": ["tp"] if tp > 1 else []}
+    return ops
+
+
+def _predicted(pred):
+    return {"step_time_s": pred.step_time_s, "peak_memory_gib": [round(x, 3) for x in pred.peak_memory_gib],
+            "mfu": pred.mfu, "tokens_per_s": pred.tokens_per_s,
+            "breakdown_s": {k: round(v, 6) for k, v in pred.breakdown_s.items()},
+            "memory_breakdown_gib": [{k: round(v, 3) for k, v in m.items() if k != "total"}
+                                     for m in pred.memory_breakdown_gib],
+            "stage_times_s": [{k: round(v, 6) for k, v in s.items()} for s in pred.stage_times_s]}
+
+
+def build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dtype):
+    best = result.best.candidate
+    fields, digest = model_fingerprint(config)
+    layer_ranges = best.stage_layers(config.num_hidden_layers)
+    per_stage = best.dp * best.ep * best.tp
+    stages = [Stage(index=s, layers=[first, last], devices=list(range(s * per_stage, (s + 1) * per_stage)),
+                    embed=(s == 0), head=(s == best.pp - 1), recompute=best.recompute[s])
+              for s, (first, last) in enumerate(layer_ranges)]
+    alternatives = [{"summary": r.candidate.describe(), "predicted": _predicted(r.prediction)}
+                    for r in result.ranked[1:1 + RUNNERS_UP]]
+    alternatives += [{"summary": r.candidate.describe(), "predicted": _predicted(r.prediction), "rejected": why}
+                     for r, why in result.rejected[:3]]
+    return Plan(
+        model={"name": name, "model_id": req.model_id, "model_type": config.model_type,
+               "fingerprint": fields, "fingerprint_sha": digest},
+        search_inputs={"seq_len": req.seq_len, "micro_batch_size": req.micro_batch_size,
+                       "global_batch_size": req.global_batch_size, "runtime_ngpus": runtime,
+                       "device_profile": profile.name, "mem_limit_gib": mem_limit,
+                       "dtype": dtype, "device_name": profile.device_name},
+        plan_ngpus=req.plan_ngpus,
+        mesh={"pp": best.pp, "dp": best.dp, "ep": best.ep, "tp": best.tp},
+        stages=stages,
+        ops=_ops_section(best, graph),
+        zero={"level": best.zero, "shard_over_replicas": bool(best.zero and best.zero_over_replicas)},
+        schedule={"name": best.schedule, "micro_batches": best.micro_batches,
+                  "virtual_stages": best.virtual_stages},
+        predicted=_predicted(result.best.prediction),
+        alternatives=alternatives,
+        explanation=explain(result),
+    )
+
+
+def inspect_plan(plan_path, model_id=None):
+    """`train.py --run_mode inspect`: prints the plan; with a model, checks it. Returns exit status."""
+    plan = Plan.load(plan_path)
+    print(summarize(plan))
+    print("\nwhy this plan:\n" + (plan.explanation or "(no explanation recorded)"))
+    print("\nop partitions:")
+    for name, part in plan.ops.items():
+        print(f"  {name}: {part}")
+    if plan.alternatives:
+        print("\nrunners-up:")
+        for i, alt in enumerate(plan.alternatives, 1):
+            note = f"  [{alt['rejected']}]" if alt.get("rejected") else ""
+            print(f"  {i}. {alt['summary']}: {alt['predicted']['step_time_s']:.3f} s, "
+                  f"peak {max(alt['predicted']['peak_memory_gib']):.1f} GiB{note}")
+    if model_id is not None:
+        from modeling import load_config
+        plan.check_model(load_config(model_id), source=plan_path)
+        print(f"\n{plan_path} matches the model in {model_id}")
+    return 0
