@@ -5,7 +5,7 @@
     python bench/profile_device.py --procs 8 --out h100.json               # the same, spawning itself
     python bench/profile_device.py --collectives_from compiler/profiles/h100.json --out h100.json
     python bench/profile_device.py --device cpu --procs 4 --out compiler/profiles/cpu.json
-    python bench/profile_device.py --device cpu --quick --out /tmp/cpu.json   # seconds; for tests
+    python bench/profile_device.py --device cpu --quick --out cpu_quick.json   # seconds; for tests
 
 Without --out the profile is printed to stdout. A short table of the main figures is printed
 either way (to stderr when the JSON goes to stdout).
