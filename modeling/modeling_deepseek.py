@@ -539,6 +539,20 @@ class _DeepseekModelBody:
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def run_layers(self, hidden_states_BSD, layers, position_ids=None):
+        """Runs `layers` (an iterable of this model's decoder layers) on hidden states, causal, no
+        padding: the piece a pipeline stage runs. Returns (hidden_states, [aux losses])."""
+        B, S = hidden_states_BSD.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(S, device=hidden_states_BSD.device).unsqueeze(0).expand(B, S)
+        position_embeddings = self.rotary_emb(position_ids, hidden_states_BSD.dtype)
+        aux_losses = []
+        for layer in layers:
+            hidden_states_BSD, aux = layer(hidden_states_BSD, position_embeddings, None)
+            if aux is not None:
+                aux_losses.append(aux)
+        return hidden_states_BSD, aux_losses
+
     def forward(
         self,
         input_ids: torch.LongTensor = None,
@@ -645,6 +659,10 @@ class _DeepseekForCausalLMBody:
         return MoECausalLMOutput(loss=loss, logits=logits, past_key_values=None,
                                  hidden_states=outputs.hidden_states, attentions=None,
                                  aux_loss=outputs.aux_loss, lm_loss=lm_loss)
+
+    def head_logits(self, hidden_states_BSD):
+        """Final norm and lm_head, float32 logits: the piece the last pipeline stage runs."""
+        return self.lm_head(self.model.norm(hidden_states_BSD)).float()
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         # No KV cache: every generation step reruns the whole sequence.

@@ -189,13 +189,36 @@ class MergedExperts(nn.Module):
                                        self.down_proj_EDF, backend=self.grouped_mm_backend)
 
 
+class _AddAuxLossGrad(torch.autograd.Function):
+    """Identity on y whose backward also sends `scale` as the gradient of the balance loss: the
+    loss is optimised where it is computed, without travelling to the end of the model (what a
+    pipeline stage needs; the public remote code does the same with scale 1)."""
+
+    @staticmethod
+    def forward(ctx, y, aux_loss, scale):
+        ctx.scale = scale
+        ctx.aux_meta = (aux_loss.shape, aux_loss.dtype, aux_loss.device)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        shape, dtype, device = ctx.aux_meta
+        return grad_y, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
 class MoEBlock(nn.Module):
     """Training form of DeepseekMoE: router op, merged experts, shared experts; same parameter names
-    as the reference except the experts (see merge_experts)."""
+    as the reference except the experts (see merge_experts).
+
+    By default the balance loss is returned to the caller, which adds it to the training loss. With
+    `aux_loss_grad_scale` set (a float), its gradient times that scale is injected in the backward
+    instead, it is returned as None, and its value is kept in `last_aux_loss` for logging."""
 
     def __init__(self, moe: DeepseekMoE):
         super().__init__()
         self.config = moe.config
+        self.aux_loss_grad_scale = None
+        self.last_aux_loss = None
         self.gate = RouterGate(moe.gate)
         self.experts = MergedExperts.from_experts(moe.experts)
         if hasattr(moe, "shared_experts"):
@@ -208,6 +231,9 @@ class MoEBlock(nn.Module):
         y_BSD = y_TD.view(B, S, D)
         if hasattr(self, "shared_experts"):
             y_BSD = y_BSD + self.shared_experts(hidden_states_BSD)
+        if aux_loss is not None and self.aux_loss_grad_scale is not None:
+            self.last_aux_loss = aux_loss.detach()
+            return _AddAuxLossGrad.apply(y_BSD, aux_loss, self.aux_loss_grad_scale), None
         return y_BSD, aux_loss
 
 

@@ -280,3 +280,27 @@ def test_apply_training_form_refuses_twice_and_bad_backend():
         apply_training_form(model)
     with pytest.raises(ValueError, match="attention backend"):
         apply_training_form(build_model(config, device="meta"), attention="magic")
+
+
+def test_injected_balance_loss_gradient_equals_adding_it_to_the_loss():
+    """What a pipeline stage does (inject the balance-loss gradient where it is computed) gives the
+    gradients of adding the balance loss to the returned loss."""
+    config = _config("tiny-deepseek-v2")
+    added = apply_training_form(build_model(config, seed=7)).train()
+    injected = copy.deepcopy(added)
+    for module in injected.modules():
+        if isinstance(module, MoEBlock):
+            module.aux_loss_grad_scale = 0.5
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    out = added(input_ids=ids, labels=ids)
+    (out.lm_loss + 0.5 * out.aux_loss).backward()
+    hidden, aux_losses = injected.model.run_layers(injected.model.embed_tokens(ids), injected.model.layers)
+    assert aux_losses == []
+    logits = injected.head_logits(hidden)
+    torch.testing.assert_close(logits, out.logits)
+    lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1))
+    lm.backward()
+    logged = sum(m.last_aux_loss for m in injected.modules() if isinstance(m, MoEBlock))
+    torch.testing.assert_close(logged, out.aux_loss.detach())
+    for (name, p), q in zip(added.named_parameters(), injected.parameters()):
+        assert _rel(q.grad, p.grad) < 1e-5, name
