@@ -140,11 +140,30 @@ def _ops_section(cand, graph):
 
 def _predicted(pred):
     return {"step_time_s": pred.step_time_s, "peak_memory_gib": [round(x, 3) for x in pred.peak_memory_gib],
-            "mfu": pred.mfu, "tokens_per_s": pred.tokens_per_s,
+            "mfu": pred.mfu, "tokens_per_s": pred.tokens_per_s, "model_flops_per_step": pred.model_flops,
             "breakdown_s": {k: round(v, 6) for k, v in pred.breakdown_s.items()},
             "memory_breakdown_gib": [{k: round(v, 3) for k, v in m.items() if k != "total"}
                                      for m in pred.memory_breakdown_gib],
             "stage_times_s": [{k: round(v, 6) for k, v in s.items()} for s in pred.stage_times_s]}
+
+
+def assign_chunks(stages, virtual_stages):
+    """Interleaved schedules: each stage's layer count cut in `virtual_stages` chunks, laid out so that
+    virtual stage k = chunk k // pp of stage k % pp holds the next layers in order."""
+    pp = len(stages)
+    sizes = []
+    for stage in stages:
+        n = stage.layers[1] - stage.layers[0]
+        sizes.append([n // virtual_stages + (1 if j < n % virtual_stages else 0) for j in range(virtual_stages)])
+    for stage in stages:
+        stage.chunks = [None] * virtual_stages
+    start = 0
+    for k in range(pp * virtual_stages):
+        s, j = k % pp, k // pp
+        stages[s].chunks[j] = [start, start + sizes[s][j]]
+        start += sizes[s][j]
+    for stage in stages:
+        stage.layers = [stage.chunks[0][0], stage.chunks[-1][1]]
 
 
 def build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dtype):
@@ -155,6 +174,8 @@ def build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dt
     stages = [Stage(index=s, layers=[first, last], devices=list(range(s * per_stage, (s + 1) * per_stage)),
                     embed=(s == 0), head=(s == best.pp - 1), recompute=best.recompute[s])
               for s, (first, last) in enumerate(layer_ranges)]
+    if best.schedule == "Interleaved1F1B":
+        assign_chunks(stages, best.virtual_stages)
     alternatives = [{"summary": r.candidate.describe(), "predicted": _predicted(r.prediction)}
                     for r in result.ranked[1:1 + RUNNERS_UP]]
     alternatives += [{"summary": r.candidate.describe(), "predicted": _predicted(r.prediction), "rejected": why}
@@ -170,7 +191,7 @@ def build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dt
         mesh={"pp": best.pp, "dp": best.dp, "ep": best.ep, "tp": best.tp},
         stages=stages,
         ops=_ops_section(best, graph),
-        zero={"level": best.zero, "shard_over_replicas": bool(best.zero and best.zero_over_replicas)},
+        zero={"level": best.zero, "shard_over_replicas": bool(best.zero_over_replicas)},
         schedule={"name": best.schedule, "micro_batches": best.micro_batches,
                   "virtual_stages": best.virtual_stages},
         predicted=_predicted(result.best.prediction),

@@ -174,6 +174,7 @@ class Prediction:
     memory_breakdown_gib: List[Dict[str, float]]
     stage_times_s: List[Dict[str, float]]     # per stage, per micro-batch: forward, backward
     fits: bool
+    model_flops: float = 0.0                  # FLOPs of one step of one plan replica (the MFU numerator)
 
     @property
     def max_peak_gib(self):
@@ -398,4 +399,4 @@ class CostModel:
         return Prediction(step_time_s=step, peak_memory_gib=peaks, mfu=mfu,
                           tokens_per_s=sequences * c.seq_len / step, breakdown_s=breakdown,
                           memory_breakdown_gib=mem_per_device, stage_times_s=stage_f_b,
-                          fits=max(peaks) <= self.mem_limit_gib)
+                          fits=max(peaks) <= self.mem_limit_gib, model_flops=model_flops)

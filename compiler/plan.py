@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 PLAN_VERSION = 1
 MESH_AXES = ("pp", "dp", "ep", "tp")
@@ -57,6 +57,9 @@ class Stage:
     embed: bool = False        # holds the token embedding (first stage)
     head: bool = False         # holds the final norm, lm_head and loss (last stage)
     recompute: str = "none"    # activation recompute of this stage's layers
+    # Interleaved schedules only: the stage's model chunks, [first, last + 1) each. Chunk j of stage s
+    # is virtual stage s + j * pp, and virtual stages hold consecutive layers in their order.
+    chunks: Optional[List[List[int]]] = None
 
 
 @dataclass
@@ -127,7 +130,8 @@ class Plan:
         for i, s in enumerate(need("stages")):
             stages.append(Stage(index=need("index", s, f"stages[{i}]."), layers=list(need("layers", s, f"stages[{i}].")),
                                 devices=list(need("devices", s, f"stages[{i}].")), embed=bool(s.get("embed", False)),
-                                head=bool(s.get("head", False)), recompute=s.get("recompute", "none")))
+                                head=bool(s.get("head", False)), recompute=s.get("recompute", "none"),
+                                chunks=s.get("chunks")))
         plan = cls(model=need("model"), search_inputs=need("search_inputs"), plan_ngpus=need("plan_ngpus"),
                    mesh=dict(need("mesh")), stages=stages, ops=need("ops"), zero=need("zero"),
                    schedule=need("schedule"), predicted=need("predicted"),
@@ -165,10 +169,13 @@ class Plan:
         if len(self.stages) != self.mesh["pp"]:
             bad("stages", f"{len(self.stages)} stages but mesh.pp is {self.mesh['pp']}")
         num_layers = self.model.get("fingerprint", {}).get("num_hidden_layers")
+        interleaved = self.schedule.get("name") == "Interleaved1F1B"
         expected_start = 0
         for i, s in enumerate(self.stages):
             if s.index != i:
                 bad(f"stages[{i}].index", f"expected {i}, got {s.index}")
+            if interleaved:
+                continue  # layers come in chunks, checked below
             if len(s.layers) != 2 or s.layers[0] != expected_start or s.layers[1] < s.layers[0]:
                 bad(f"stages[{i}].layers", f"{s.layers} does not continue from layer {expected_start}")
             expected_start = s.layers[1]
@@ -177,6 +184,16 @@ class Plan:
             per_stage = self.plan_ngpus // self.mesh["pp"]
             if sorted(s.devices) != list(range(i * per_stage, (i + 1) * per_stage)):
                 bad(f"stages[{i}].devices", f"stage {i} must hold devices {i * per_stage}..{(i + 1) * per_stage - 1}")
+        if interleaved:
+            v = self.schedule.get("virtual_stages", 1)
+            if any(s.chunks is None or len(s.chunks) != v for s in self.stages):
+                bad("stages[].chunks", f"an interleaved plan lists virtual_stages ({v}) chunks per stage")
+            for k in range(self.mesh["pp"] * v):
+                chunk = self.stages[k % self.mesh["pp"]].chunks[k // self.mesh["pp"]]
+                if chunk[0] != expected_start or chunk[1] <= chunk[0]:
+                    bad(f"stages[{k % self.mesh['pp']}].chunks", f"virtual stage {k} {chunk} does not continue "
+                        f"from layer {expected_start}")
+                expected_start = chunk[1]
         if num_layers is not None and expected_start != num_layers:
             bad("stages", f"layers end at {expected_start} but the model has {num_layers}")
         if not self.stages[0].embed or not self.stages[-1].head:

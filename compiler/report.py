@@ -75,11 +75,18 @@ def _compact(value):
     return str(value)
 
 
-def _layer_range(stage):
-    first, end = stage.layers
+def _span(first, end):
     if end <= first:
         return "none"
     return str(first) if end - first == 1 else f"{first}-{end - 1}"
+
+
+def _layer_range(stage):
+    """The stage's layers; an interleaved stage's model chunks are listed one by one."""
+    chunks = getattr(stage, "chunks", None)
+    if chunks:
+        return " + ".join(_span(first, end) for first, end in chunks)
+    return _span(*stage.layers)
 
 
 def _num_layers(plan):
@@ -143,7 +150,8 @@ def _stage_lines(plan):
     rows = []
     for s in plan.stages:
         holds = [name for name, on in (("embed", s.embed), ("head", s.head)) if on]
-        n = max(0, s.layers[1] - s.layers[0])
+        chunks = getattr(s, "chunks", None) or [s.layers]
+        n = sum(max(0, end - first) for first, end in chunks)
         devices = ", ".join(str(d) for d in s.devices)
         layers = f"{_layer_range(s)} ({n} layer{'' if n == 1 else 's'})"
         rows.append([s.index, layers, devices, ", ".join(holds) or "-", s.recompute])

@@ -20,7 +20,10 @@ from typing import List, Optional, Tuple
 from compiler.cost_model import Candidate, CostModel, Prediction
 
 MAX_SPLITS = 300
-MAX_TP = 8
+# The search emits only what the runtime executes: tensor parallelism and ZeRO shards confined to
+# one replica (HSDP) are not executed yet, so they are not searched (raise these when they are).
+MAX_TP = 1
+HSDP = False
 
 
 class NoPlanFits(ValueError):
@@ -95,11 +98,9 @@ def search(model: CostModel, plan_ngpus, runtime_ngpus, global_batch_size, micro
         if pp > 1 and micro_batches < pp:
             continue
         zero_options = [(0, False)]
-        if dp * ep > 1 or replicas > 1:
-            zero_options += [(level, over) for level in (2, 3) for over in (False, True)
-                             if dp * ep > 1 or over]
-            if replicas == 1:
-                zero_options = [z for z in zero_options if not z[1]]
+        if dp * ep * replicas > 1:
+            overs = (True, False) if HSDP and replicas > 1 and dp * ep > 1 else (True,)
+            zero_options += [(level, over) for level in (2, 3) for over in overs]
         for (zero, over), (schedule, virtual) in itertools.product(zero_options,
                                                                      _schedules(pp, micro_batches, num_layers)):
             def make(splits, recompute):

@@ -20,6 +20,9 @@ def make_plan(pp, dp, ep, tp, layers=8, schedule="GradAccum", micro_batches=4, v
                     devices=list(range(i * per_stage, (i + 1) * per_stage)),
                     embed=i == 0, head=i == pp - 1, recompute="full" if i == 0 and pp > 1 else "none")
               for i in range(pp)]
+    if schedule == "Interleaved1F1B":
+        from compiler.compile import assign_chunks
+        assign_chunks(stages, virtual_stages)
     peaks = [10.0 + 1.5 * d for d in range(ngpus)]
     predicted = {"step_time_s": 1.25, "peak_memory_gib": peaks, "mfu": 0.413}
     if full_predictions:
@@ -112,13 +115,16 @@ def test_report_pipeline_expert_parallel(tmp_path):
                                                              ("Interleaved1F1B", 2, 10)])
 def test_report_deep_pipeline_sparse_plan(tmp_path, schedule, virtual, micro_batches):
     # Four stages, more micro-batches than are drawn, and none of the optional predictions or runners-up.
-    plan = make_plan(pp=4, dp=1, ep=1, tp=1, layers=6, schedule=schedule, micro_batches=micro_batches,
+    # an interleaved plan needs at least two layers per stage (one per model chunk)
+    layers = 6 if virtual == 1 else 8
+    plan = make_plan(pp=4, dp=1, ep=1, tp=1, layers=layers, schedule=schedule, micro_batches=micro_batches,
                      virtual_stages=virtual, full_predictions=False, alternatives=[])
     plan.explanation = ""
     del plan.search_inputs["mem_limit_gib"]
     text = write(plan, tmp_path)
-    # 6 layers over 4 stages: 0-1, 2, 3, 4-5.
-    assert "| 1 | 2 (1 layer) | 1 | - | none |" in text and "| 3 | 4-5 (2 layers) | 3 | head | none |" in text
+    if virtual == 1:
+        # 6 layers over 4 stages: 0-1, 2, 3, 4-5.
+        assert "| 1 | 2 (1 layer) | 1 | - | none |" in text and "| 3 | 4-5 (2 layers) | 3 | head | none |" in text
     assert "| 0 | 0 | - | 10.00 | n/a | n/a |" in text
     assert "_The search kept no runners-up._" in text
 
