@@ -1,12 +1,15 @@
 """The pipeline end to end on a built-in tiny default, on a CPU, with no network.
 
-    python demo.py [--out_dir demo_out] [--model_id configs/tiny-deepseek-v2]
+    python demo.py [--out_dir demo_out] [--model_id configs/tiny-deepseek-v2] [--steps 20]
 
-1. data:  a small corpus made from the Python standard library's docstrings, a byte-level BPE
-          tokenizer trained on it, and bookcorpus.py turning it into rows of --seq_len tokens;
-2. model: the tiny DeepSeek-V2 built from its config.json with random weights, then its training
-          form (router custom op, merged experts, grouped GEMM);
-3. step:  one forward and backward on a batch of the prepared data, checked against the reference.
+1. data:    a small corpus made from the Python standard library's docstrings, a byte-level BPE
+            tokenizer trained on it, and bookcorpus.py turning it into rows of --seq_len tokens;
+2. model:   the tiny DeepSeek-V2 built from its config.json with random weights, then its training
+            form (router custom op, merged experts, grouped GEMM), checked against the reference
+            on one forward and backward;
+3. compile: a plan for 4 devices with the cpu profile (train.py --run_mode compile);
+4. train:   that plan replicated on 8 CPU processes (torchrun ... train.py) for --steps steps,
+            printing the loss curve.
 
 Everything lands in --out_dir (default demo_out/), which is rebuilt on every run.
 """
@@ -29,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=128, help="tokens per row of the prepared data")
     p.add_argument("--batch_size", type=int, default=4, help="rows in the demo batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--steps", type=int, default=20, help="training steps of step 4 (0 skips steps 3 and 4)")
+    p.add_argument("--processes", type=int, default=8, help="CPU processes of step 4 (a multiple of 4)")
     return p.parse_args(argv)
 
 
@@ -84,8 +89,43 @@ def main(argv=None):
     if not torch.allclose(out.loss, ref_out.loss, rtol=1e-5):
         print("error: the training form's loss differs from the reference's", file=sys.stderr)
         return 1
+    if args.steps > 0:
+        rc = compile_and_train(args, data_dir)
+        if rc != 0:
+            return rc
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; outputs in {args.out_dir}/")
     return 0
+
+
+def compile_and_train(args, data_dir):
+    import json
+    import subprocess
+    plan_path = os.path.join(args.out_dir, "plan.json")
+    step("3. compile a 4-device plan (cpu profile)")
+    compile_cmd = [sys.executable, "train.py", "--run_mode", "compile", "--model_id", args.model_id,
+                   "--plan_ngpus", "4", "--runtime_ngpus", str(args.processes), "--seq_len", str(args.seq_len),
+                   "--micro_batch_size", "2", "--global_batch_size", "32", "--device_profile", "cpu",
+                   "--mem_limit_gib", "8", "--plan_out", plan_path]
+    print(" ".join(compile_cmd[1:]))
+    if subprocess.run(compile_cmd).returncode != 0:
+        return 1
+    step(f"4. train: the plan replicated on {args.processes} CPU processes, {args.steps} steps")
+    save_dir = os.path.join(args.out_dir, "run")
+    train_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
+                 "train.py", "--model_id", args.model_id, "--dataset_path", data_dir, "--plan", plan_path,
+                 "--runtime_ngpus", str(args.processes), "--device", "cpu", "--max_steps", str(args.steps),
+                 "--lr", "3e-3", "--warmup_steps", "2", "--seed", str(args.seed), "--save_dir", save_dir]
+    print("torchrun " + " ".join(train_cmd[3:]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if subprocess.run(train_cmd, env=env).returncode != 0:
+        return 1
+    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    curve = " ".join(f"{r['loss']:.3f}" for r in records)
+    print(f"loss by step: {curve}")
+    first, last = records[0]["loss"], records[-1]["loss"]
+    print(f"loss {first:.4f} -> {last:.4f} ({'falling' if last < first else 'NOT falling'})")
+    return 0 if last < first else 1
 
 
 if __name__ == "__main__":

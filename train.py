@@ -9,6 +9,7 @@ This file holds no logic of its own beyond the flags; see compiler/ and runtime/
 """
 
 import argparse
+import os
 import sys
 
 RUN_MODES = ("compile", "run", "inspect")
@@ -43,13 +44,19 @@ def build_parser():
                       help="h100, h200, cpu, or a profile JSON file, for the cost model")
 
     train = p.add_argument_group("training")
-    train.add_argument("--micro_batch_size", type=int, default=4, help="sequences per micro-batch")
-    train.add_argument("--global_batch_size", type=int, default=64, help="sequences per optimizer step")
+    train.add_argument("--micro_batch_size", type=int, default=None,
+                       help="sequences per micro-batch (compile: default 4; run: must match the plan)")
+    train.add_argument("--global_batch_size", type=int, default=None,
+                       help="sequences per optimizer step (compile: default 64; run: must match the plan)")
     train.add_argument("--max_steps", type=int, default=1000, help="optimizer steps to run")
-    train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW, betas 0.9 / 0.95)")
+    train.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
     train.add_argument("--warmup_steps", type=int, default=100, help="linear warmup steps")
     train.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     train.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda (NCCL) or cpu (gloo)")
+    train.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                       help="compute dtype; master weights and optimizer state stay fp32 (default: bf16 on "
+                            "cuda, fp32 on cpu)")
     train.add_argument("--save_dir", default="checkpoints", help="checkpoints, metrics.jsonl, TensorBoard")
     return p
 
@@ -61,7 +68,8 @@ def run_compile(args):
         raise UsageError("--run_mode compile needs --model_id and --plan_ngpus")
     plan, path = compile_plan(CompileRequest(
         model_id=args.model_id, plan_ngpus=args.plan_ngpus, runtime_ngpus=args.runtime_ngpus,
-        seq_len=args.seq_len, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        seq_len=args.seq_len, micro_batch_size=args.micro_batch_size or 4,
+        global_batch_size=args.global_batch_size or 64,
         mem_limit_gib=args.mem_limit_gib, device_profile=args.device_profile, plan_out=args.plan_out))
     print(summarize(plan))
     print(f"plan: {path}  report: {path[:-5]}.md, {path[:-5]}.png")
@@ -75,6 +83,23 @@ def run_inspect(args):
     return inspect_plan(args.plan, args.model_id)
 
 
+def run_training(args):
+    from runtime.trainer import RunArgs, run
+    if args.model_id is None:
+        raise UsageError("--model_id is required")
+    records = run(RunArgs(
+        model_id=args.model_id, dataset_path=args.dataset_path, plan_ngpus=args.plan_ngpus,
+        runtime_ngpus=args.runtime_ngpus, plan=args.plan, max_steps=args.max_steps, lr=args.lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size, seed=args.seed, device=args.device, save_dir=args.save_dir,
+        dtype=args.dtype))
+    if records and int(os.environ.get("RANK", "0")) == 0:
+        first, last = records[0], records[-1]
+        print(f"trained {len(records)} steps: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
+              f"metrics in {os.path.join(args.save_dir, 'metrics.jsonl')}")
+    return 0
+
+
 class UsageError(ValueError):
     pass
 
@@ -85,18 +110,20 @@ def main(argv=None):
     from compiler.profiles import ProfileError
     from compiler.search import NoPlanFits
     from modeling.loading import ModelDirError
+    from runtime.data import DataError
+    from runtime.trainer import NonFiniteError, RunError
     try:
         if args.run_mode == "compile":
             return run_compile(args)
         if args.run_mode == "inspect":
             return run_inspect(args)
-        # The runtime lands in a later step; say so plainly instead of pretending to run.
-        print("error: --run_mode run is not available yet in this version; compile and inspect plans "
-              "with --run_mode compile / inspect", file=sys.stderr)
-        return 2
-    except (UsageError, PlanError, ProfileError, NoPlanFits, ModelDirError) as e:
+        return run_training(args)
+    except (UsageError, PlanError, ProfileError, NoPlanFits, ModelDirError, RunError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

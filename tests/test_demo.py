@@ -17,3 +17,13 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "demo finished" in result.stdout
     assert (out_dir / "tokenizer" / "tokenizer.json").exists()
     assert (out_dir / "data_128" / "dataset_info.json").exists()
+    # the plan was compiled and trained on 8 processes, and the loss fell
+    assert (out_dir / "plan.json").exists() and (out_dir / "plan.md").exists()
+    assert "(falling)" in result.stdout
+    import json
+    records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 21))
+    for key in ("loss", "grad_norm", "lr", "tokens", "step_time_s"):
+        assert all(key in r for r in records), key
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert list((out_dir / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,0 +1,1 @@
+"""Runtime: distributed execution of a compiled plan (expert, tensor, data and pipeline parallelism)."""

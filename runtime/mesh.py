@@ -1,0 +1,58 @@
+"""The device mesh of a run: the plan's axes (pp, dp, ep, tp) under an outer `replica` axis.
+
+runtime_ngpus = replicas x plan_ngpus; rank r is device r % plan_ngpus of replica r // plan_ngpus,
+so the mesh is laid out row-major as (replica, pp, dp, ep, tp), exactly the plan's device order
+within each replica.
+"""
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from compiler.plan import MESH_AXES
+
+AXES = ("replica",) + MESH_AXES
+
+
+@dataclass
+class RunMesh:
+    mesh: DeviceMesh
+    replicas: int
+    sizes: dict          # axis -> size, replica included
+    flattened: dict = field(default_factory=dict)  # name -> 1-D mesh over several axes, made once
+
+    def coord(self, axis):
+        return self.mesh.get_local_rank(axis)
+
+    def group(self, axis):
+        return self.mesh.get_group(axis)
+
+    def data_mesh(self):
+        """Ranks that see different data and hold the same dense parameters: replica x dp x ep."""
+        return self._flat(("replica", "dp", "ep"), "data")
+
+    def expert_data_mesh(self):
+        """Ranks that hold the same experts: replica x dp (ep splits the experts themselves)."""
+        return self._flat(("replica", "dp"), "expert_data")
+
+    def data_rank(self):
+        """This rank's index among the data-parallel ranks (which slice of the global batch it reads)."""
+        r, d, e = self.coord("replica"), self.coord("dp"), self.coord("ep")
+        return (r * self.sizes["dp"] + d) * self.sizes["ep"] + e
+
+    def data_ranks(self):
+        return self.sizes["replica"] * self.sizes["dp"] * self.sizes["ep"]
+
+    def _flat(self, axes, name):
+        if name not in self.flattened:
+            self.flattened[name] = self.mesh[axes]._flatten(name)
+        return self.flattened[name]
+
+
+def build_mesh(plan, device_type):
+    world = dist.get_world_size()
+    replicas = world // plan.plan_ngpus
+    sizes = {"replica": replicas, **plan.mesh}
+    mesh = init_device_mesh(device_type, tuple(sizes[a] for a in AXES), mesh_dim_names=AXES)
+    return RunMesh(mesh=mesh, replicas=replicas, sizes=sizes)
