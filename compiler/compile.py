@@ -116,13 +116,13 @@ def _ops_section(cand, graph):
 
     data_axes = [axis for axis, size in (("dp", cand.dp), ("ep", cand.ep)) if size > 1]
     ops = {
-        "embedding": split("vocab"),
+        "embedding": {"partition": "replicate", "tp": tp},
         "attention": split("heads"),
         "dense_mlp": split("intermediate"),
         "shared_experts": split("intermediate"),
         "experts": {"partition": "expert" if ep > 1 else ("intermediate" if tp > 1 else "replicate"),
                     "ep": ep, "tp": tp, "dispatch": "all_to_all" if ep > 1 else "local"},
-        "lm_head": split("vocab"),
+        "lm_head": {"partition": "replicate", "tp": tp},
     }
     from compiler.annotations import parse_annotation
     for op in graph.custom_ops():

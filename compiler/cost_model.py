@@ -31,7 +31,7 @@ EP_IMBALANCE = 1.05
 
 # How each op family's work and parameters split over the tensor-parallel degree (1: not split).
 TP_SPLIT = {"attention": True, "norm": False, "dense_mlp": True, "router": False, "experts": True,
-            "shared_experts": True, "embed": True, "head": True}
+            "shared_experts": True, "embed": False, "head": False}
 
 
 @dataclass
@@ -225,9 +225,6 @@ class CostModel:
             # one all-reduce after attention and one after the MLP, each way
             fwd += 2 * p.collective_time("all_reduce", act, tp)
             bwd += 2 * p.collective_time("all_reduce", act, tp)
-        if tp > 1 and kind.name in ("embed", "head"):
-            fwd += p.collective_time("all_reduce", act, tp)
-            bwd += p.collective_time("all_reduce", act, tp)
         if ep > 1 and kind.name == "moe":
             # dispatch and combine: every slot's hidden vector crosses the group, each way
             slots_bytes = act * c.top_k

@@ -20,9 +20,10 @@ from typing import List, Optional, Tuple
 from compiler.cost_model import Candidate, CostModel, Prediction
 
 MAX_SPLITS = 300
-# The search emits only what the runtime executes: tensor parallelism and ZeRO shards confined to
-# one replica (HSDP) are not executed yet, so they are not searched (raise these when they are).
-MAX_TP = 1
+# The search emits only what the runtime executes: ZeRO shards confined to one replica (HSDP),
+# tensor parallelism together with expert parallelism or with ZeRO 2/3 are not executed yet, so
+# they are not searched (lift these when they are).
+MAX_TP = 8
 HSDP = False
 
 
@@ -67,7 +68,7 @@ def mesh_shapes(plan_ngpus, num_layers, num_heads, num_experts, has_moe):
             if tp > MAX_TP or num_heads % tp:
                 continue
             for ep in divisors(plan_ngpus // pp // tp):
-                if ep > 1 and (not has_moe or num_experts % ep):
+                if ep > 1 and (not has_moe or num_experts % ep or tp > 1):
                     continue
                 yield pp, plan_ngpus // pp // tp // ep, ep, tp
 
@@ -98,7 +99,7 @@ def search(model: CostModel, plan_ngpus, runtime_ngpus, global_batch_size, micro
         if pp > 1 and micro_batches < pp:
             continue
         zero_options = [(0, False)]
-        if dp * ep * replicas > 1:
+        if dp * ep * replicas > 1 and tp == 1:
             overs = (True, False) if HSDP and replicas > 1 and dp * ep > 1 else (True,)
             zero_options += [(level, over) for level in (2, 3) for over in overs]
         for (zero, over), (schedule, virtual) in itertools.product(zero_options,

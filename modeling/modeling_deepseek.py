@@ -55,6 +55,11 @@ class DeepseekRMSNorm(nn.Module):
 class DeepseekMLP(nn.Module):
     """SwiGLU feed-forward: used for dense layers, each routed expert and the shared experts."""
 
+    # How a tensor-parallel runtime may split this module: column-parallel projections split their
+    # output features, row-parallel ones their input features (and sum the partial outputs).
+    TP_LAYOUT = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
+    TP_HEAD_ATTRS = ()
+
     def __init__(self, config, hidden_size=None, intermediate_size=None):
         super().__init__()
         self.hidden_size = config.hidden_size if hidden_size is None else hidden_size
@@ -325,6 +330,15 @@ class DeepseekV2Attention(nn.Module):
 
     # The attention kernel; the training form swaps in SDPA or flash-attn.
     attention_fn = staticmethod(eager_attention)
+    # Tensor parallelism splits the heads: the per-head projections column-wise, o_proj row-wise;
+    # the shared latent (kv_a_proj_with_mqa, q_a_proj and their norms) stays whole. The attributes
+    # named in TP_HEAD_ATTRS count heads and are divided by the tensor-parallel degree.
+    TP_LAYOUT = {"q_proj": "colwise", "q_b_proj": "colwise", "kv_b_proj": "colwise", "o_proj": "rowwise"}
+    TP_HEAD_ATTRS = ("num_heads",)
+    # The rotary key is one tensor shared by all heads: with the heads split, each rank's gradient
+    # of it covers only its heads. A tensor-parallel runtime replaces this identity with one whose
+    # backward sums those partial gradients.
+    share_across_heads = staticmethod(lambda t: t)
 
     def __init__(self, config, layer_idx=None):
         super().__init__()
@@ -373,7 +387,7 @@ class DeepseekV2Attention(nn.Module):
 
         compressed_kv = self.kv_a_proj_with_mqa(hidden_states_BSD)
         compressed_kv, k_pe = torch.split(compressed_kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_pe = k_pe.view(B, S, 1, self.qk_rope_head_dim).transpose(1, 2)
+        k_pe = self.share_across_heads(k_pe).view(B, S, 1, self.qk_rope_head_dim).transpose(1, 2)
         kv = self.kv_b_proj(self.kv_a_layernorm(compressed_kv))
         kv = kv.view(B, S, self.num_heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
         k_nope, value = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
@@ -397,6 +411,8 @@ class DeepseekAttention(nn.Module):
     """DeepSeekMoE v1 attention: LLaMA-style multi-head (or grouped-query) attention."""
 
     attention_fn = staticmethod(eager_attention)
+    TP_LAYOUT = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+    TP_HEAD_ATTRS = ("num_heads", "num_key_value_heads")
 
     def __init__(self, config, layer_idx=None):
         super().__init__()

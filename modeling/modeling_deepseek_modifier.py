@@ -163,6 +163,9 @@ class MergedExperts(nn.Module):
     down_proj_EDF[e] its down_proj.weight. Keeping gate and up on their own axis (rather than
     concatenated along F) lets a tensor-parallel plan split F with a plain shard of dim 2."""
 
+    # the intermediate (F) dim of each parameter, which tensor parallelism splits
+    TP_SHARD_DIMS = {"gate_up_proj_E2FD": 2, "down_proj_EDF": 2}
+
     def __init__(self, num_experts, hidden_size, intermediate_size, device=None, dtype=None):
         super().__init__()
         kw = {"device": device, "dtype": dtype}

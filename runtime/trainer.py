@@ -82,9 +82,14 @@ def find_plan(args: RunArgs, config) -> (Plan, str):
 
 def check_run(args: RunArgs, plan: Plan, plan_path, world_size):
     runtime = args.runtime_ngpus or world_size
-    if plan.mesh["tp"] > 1:
-        raise RunError(f"{plan_path}: tensor-parallel plans (mesh.tp = {plan.mesh['tp']}) cannot be executed by this "
-                       "version of the runtime; compile a plan without tensor parallelism")
+    if plan.mesh["tp"] > 1 and plan.mesh["ep"] > 1:
+        raise RunError(f"{plan_path}: tensor and expert parallelism together (mesh.tp = {plan.mesh['tp']}, mesh.ep = "
+                       f"{plan.mesh['ep']}) cannot be executed by this version of the runtime; compile a plan with one "
+                       "of them")
+    if plan.mesh["tp"] > 1 and plan.zero["level"] > 0:
+        raise RunError(f"{plan_path}: tensor parallelism with ZeRO level {plan.zero['level']} cannot be executed by "
+                       "this version of the runtime (its gradient norm disagrees with a single process); compile a "
+                       "plan with ZeRO 0 or without tensor parallelism")
     plan.check_run(args.plan_ngpus, runtime, source=plan_path)
     if world_size != runtime:
         raise RunError(f"{world_size} processes were started but --runtime_ngpus is {runtime}; start "
@@ -280,6 +285,9 @@ def train(args: RunArgs):
                                      reduce_dtype=torch.float32)
 
     model = build_training_model(args, config)
+    if run_mesh.sizes["tp"] > 1:
+        from runtime.tensor_parallel import apply_tensor_parallel
+        apply_tensor_parallel(model, run_mesh.mesh["tp"])
     apply_expert_parallel(model, run_mesh)
 
     tokens_per_step = global_batch * (seq_len - 1)
@@ -352,7 +360,7 @@ def train(args: RunArgs):
                 loss.backward()
                 ce_local += ce.detach().double()
         # the step's loss: summed over data ranks (and pipeline stages: CE lives on the last, aux on all);
-        # tensor-parallel ranks would hold copies, but the runtime refuses tp > 1 plans
+        # (tensor-parallel ranks hold copies of the same loss: they are not summed)
         totals = torch.stack([ce_local, aux_local])
         dist.all_reduce(totals, group=_loss_group(run_mesh))
         loss_value = float(totals.sum())

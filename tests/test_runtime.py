@@ -47,6 +47,8 @@ FAMILIES = {
     # 8 data-parallel ranks share the 8 sequences: one sequence per micro-batch
     "plan4_replicated_on_8": (dict(dp=2, ep=2, zero=3, over_replicas=True, runtime_ngpus=8, micro_batch_size=1), 8),
     "recompute": (dict(dp=2, zero=2, recompute="full"), 2),
+    "tensor_parallel": (dict(tp=2), 2),
+    "tensor_x_data_parallel": (dict(tp=2, dp=2, zero=0), 4),
 }
 
 
@@ -106,12 +108,12 @@ def test_missing_dataset_is_refused(setup, tmp_path):
     assert "bookcorpus.py" in r.stderr
 
 
-def test_tensor_parallel_plan_is_refused_not_run_differently(setup, tmp_path):
-    plan = make_plan(setup["config"], setup["model_dir"], tp=2, seq_len=SEQ, runtime_ngpus=2)
-    plan.save(str(tmp_path / "tp.json"))
-    r = _run("--model_id", setup["model_dir"], "--dataset_path", setup["data_dir"], "--plan", str(tmp_path / "tp.json"),
-             "--runtime_ngpus", "1")
-    assert r.returncode == 2 and "tensor-parallel" in r.stderr
+def test_a_plan_the_runtime_cannot_execute_is_refused_not_run_differently(setup, tmp_path):
+    plan = make_plan(setup["config"], setup["model_dir"], tp=2, ep=2, seq_len=SEQ, runtime_ngpus=4)
+    plan.save(str(tmp_path / "tpep.json"))
+    r = _run("--model_id", setup["model_dir"], "--dataset_path", setup["data_dir"], "--plan",
+             str(tmp_path / "tpep.json"), "--runtime_ngpus", "1")
+    assert r.returncode == 2 and "tensor and expert parallelism together" in r.stderr
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step(setup, tmp_path):
