@@ -59,3 +59,16 @@ def build_model(config, device="cpu", dtype=torch.float32, seed=None):
     with torch.device(device):
         model = model_class_for(config)(config)
     return model.to(dtype)
+
+
+def initial_value(name, shape, config, seed):
+    """The random initial value of parameter `name`, a function of (seed, name) only.
+
+    Every rank can build exactly the tensor a single process would, whatever part of it the rank
+    keeps, so a random start is the same for every plan. RMSNorm weights start at 1, every other
+    weight at N(0, initializer_range) (the models' _init_weights rule)."""
+    import zlib
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator) * config.initializer_range

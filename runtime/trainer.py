@@ -103,16 +103,21 @@ def check_run(args: RunArgs, plan: Plan, plan_path, world_size):
 
 
 # ---- model --------------------------------------------------------------------------------------------
-def build_training_model(args: RunArgs, config):
-    """The full training-form model on the CPU: HF weights when --model_id has them, else random from --seed
-    (the same on every rank and for every plan)."""
+def build_training_model(args: RunArgs, config, run_mesh, device):
+    """The training-form model with this rank's share of the weights: built on the meta device, split
+    by tensor and expert parallelism, then filled from the HF weights of --model_id when it has them,
+    else from the seeded initialisation (a function of --seed and the parameter name: the same
+    start for every plan)."""
     from modeling import build_model
-    from modeling.modeling_deepseek_modifier import apply_training_form, has_hf_weights, load_hf_weights
-    model = build_model(config, seed=args.seed, dtype=torch.float32)
-    model = apply_training_form(model)
-    if has_hf_weights(args.model_id):
-        load_hf_weights(model, args.model_id)
-    return model
+    from modeling.modeling_deepseek_modifier import apply_training_form, has_hf_weights
+    from runtime.weights import CheckpointReader, materialize
+    model = apply_training_form(build_model(config, device="meta", dtype=torch.float32))
+    if run_mesh.sizes["tp"] > 1:
+        from runtime.tensor_parallel import apply_tensor_parallel
+        apply_tensor_parallel(model, run_mesh.mesh["tp"])
+    apply_expert_parallel(model, run_mesh)
+    checkpoint = CheckpointReader(args.model_id, config) if has_hf_weights(args.model_id) else None
+    return materialize(model, config, device, args.seed, checkpoint)
 
 
 def _moe_blocks(module):
@@ -284,11 +289,7 @@ def train(args: RunArgs):
     mp_policy = MixedPrecisionPolicy(param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
                                      reduce_dtype=torch.float32)
 
-    model = build_training_model(args, config)
-    if run_mesh.sizes["tp"] > 1:
-        from runtime.tensor_parallel import apply_tensor_parallel
-        apply_tensor_parallel(model, run_mesh.mesh["tp"])
-    apply_expert_parallel(model, run_mesh)
+    model = build_training_model(args, config, run_mesh, device)
 
     tokens_per_step = global_batch * (seq_len - 1)
     microbatches_total = global_batch // micro
@@ -300,7 +301,6 @@ def train(args: RunArgs):
         pp_rank = run_mesh.coord("pp")
 
         def wrap_stage(stage_module):
-            stage_module.to(device)
             layers = list(stage_module.model.layers.values())
             apply_recompute(layers, plan.stages[pp_rank].recompute)
             apply_data_parallel([(stage_module, layers)], plan, run_mesh, mp_policy)
@@ -314,7 +314,6 @@ def train(args: RunArgs):
         params = [p for m in pipeline.stage_modules for p in m.parameters()]
         model = None  # the stages hold what this rank needs; let the rest go
     else:
-        model.to(device)
         layers = list(model.model.layers)
         apply_recompute(layers, plan.stages[0].recompute)
         apply_data_parallel([(model, layers)], plan, run_mesh, mp_policy)
