@@ -377,6 +377,7 @@ def train(args: RunArgs):
         tokens = global_batch * seq_len
         record = {"step": step + 1, "loss": loss_value, "lm_loss": float(totals[0]), "aux_loss": float(totals[1]),
                   "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "step_time_s": elapsed,
+                  "peak_memory_gib": _peak_memory_gib(device),
                   "tokens_per_s": tokens / elapsed,
                   "mfu": flops_per_step / (elapsed * world * peak) if peak and flops_per_step else 0.0}
         records.append(record)
@@ -393,6 +394,15 @@ def train(args: RunArgs):
     else:
         final = dict(model.named_parameters())
     return records, final
+
+
+def _peak_memory_gib(device):
+    """This process's peak memory so far: allocated device memory on a GPU; on a CPU the resident
+    set (which also counts the interpreter and libraries)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
 def _stage_ranges(plan):

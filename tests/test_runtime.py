@@ -52,12 +52,42 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(scope="module")
+def cost_model_inputs(setup):
+    from compiler.cost_model import model_costs
+    from compiler.trace import build_traced_model, trace_training_step
+    graph = trace_training_step(build_traced_model(setup["config"], dtype=torch.float32), MICRO, SEQ)
+    return model_costs(graph, setup["config"])
+
+
+def predicted_peak_gib(costs, plan, world):
+    """The cost model's peak memory for the plan (cpu profile), to report beside the measured one."""
+    from compiler.cost_model import Candidate, CostModel
+    from compiler.profiles import load_profile
+    model = CostModel(costs, load_profile("cpu"), mem_limit_gib=1e9, runtime_replicas=world // plan.plan_ngpus,
+                      dtype="fp32")
+    cand = Candidate(pp=plan.mesh["pp"], dp=plan.mesh["dp"], ep=plan.mesh["ep"], tp=plan.mesh["tp"],
+                     zero=plan.zero["level"], zero_over_replicas=plan.zero["shard_over_replicas"],
+                     schedule=plan.schedule["name"], splits=tuple(s.layers[0] for s in plan.stages[1:]),
+                     recompute=tuple(s.recompute for s in plan.stages), micro_batches=plan.schedule["micro_batches"],
+                     virtual_stages=plan.schedule.get("virtual_stages", 1))
+    return model.evaluate(cand).max_peak_gib
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_plan_family_matches_single_process(setup, family):
+def test_plan_family_matches_single_process(setup, cost_model_inputs, family, record_property):
     overrides, world = FAMILIES[family]
     plan = make_plan(setup["config"], setup["model_dir"], **{"seq_len": SEQ, "micro_batch_size": MICRO,
                                                              "global_batch_size": GLOBAL, **overrides})
     results = run_plan(plan, world, setup["model_dir"], setup["data_dir"], str(setup["root"] / family))
+    # Peak memory, predicted (cost model, cpu profile) beside measured (the largest resident set of the
+    # ranks, which on a CPU includes the interpreter and libraries: a report, not a check)
+    predicted = predicted_peak_gib(cost_model_inputs, plan, world)
+    measured = max(r["records"][-1]["peak_memory_gib"] for r in results)
+    record_property("predicted_peak_gib", round(predicted, 3))
+    record_property("measured_peak_gib", round(measured, 3))
+    print(f"{family}: predicted peak {predicted:.3f} GiB, measured {measured:.3f} GiB")
+    assert predicted > 0 and measured > 0
     ref_losses = losses(setup["reference"])
     got_losses = losses(results)
     assert len(got_losses) == 3
