@@ -10,7 +10,7 @@ calibration against measured runs (bench/RESULTS.md) has one place to change.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from compiler.trace import OpGraph
 

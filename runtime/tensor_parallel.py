@@ -9,7 +9,6 @@ takes the replicated input (its backward all-reduces the partial input gradient)
 one all-reduces its partial output.
 """
 
-import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module

@@ -17,14 +17,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from compiler.plan import Plan, PlanError, default_plan_path, model_fingerprint, model_name_of
-from runtime.data import DataError, GlobalBatches, load_rows
+from runtime.data import GlobalBatches, load_rows
 from runtime.mesh import build_mesh
 
 
