@@ -58,6 +58,11 @@ def build_parser():
                        help="compute dtype; master weights and optimizer state stay fp32 (default: bf16 on "
                             "cuda, fp32 on cpu)")
     train.add_argument("--save_dir", default="checkpoints", help="checkpoints, metrics.jsonl, TensorBoard")
+    train.add_argument("--save_every", type=int, default=0,
+                       help="save a sharded checkpoint every N steps and at the last step (0: no checkpoints)")
+    train.add_argument("--keep_last", type=int, default=None, help="committed checkpoints to keep (default: all)")
+    train.add_argument("--resume_path", default=None,
+                       help="resume from a checkpoint directory, or `last` for the newest one in --save_dir")
     return p
 
 
@@ -92,7 +97,7 @@ def run_training(args):
         runtime_ngpus=args.runtime_ngpus, plan=args.plan, max_steps=args.max_steps, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size, seed=args.seed, device=args.device, save_dir=args.save_dir,
-        dtype=args.dtype))
+        dtype=args.dtype, save_every=args.save_every, keep_last=args.keep_last, resume_path=args.resume_path))
     if records and int(os.environ.get("RANK", "0")) == 0:
         first, last = records[0], records[-1]
         print(f"trained {len(records)} steps: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
@@ -111,6 +116,7 @@ def main(argv=None):
     from compiler.search import NoPlanFits
     from modeling.loading import ModelDirError
     from runtime.data import DataError
+    from runtime.checkpoint import CheckpointError
     from runtime.trainer import NonFiniteError, RunError
     try:
         if args.run_mode == "compile":
@@ -118,7 +124,8 @@ def main(argv=None):
         if args.run_mode == "inspect":
             return run_inspect(args)
         return run_training(args)
-    except (UsageError, PlanError, ProfileError, NoPlanFits, ModelDirError, RunError, DataError) as e:
+    except (UsageError, PlanError, ProfileError, NoPlanFits, ModelDirError, RunError, DataError,
+            CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

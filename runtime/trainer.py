@@ -51,6 +51,9 @@ class RunArgs:
     dtype: Optional[str] = None         # compute dtype: bf16 (default on cuda) or fp32 (default on cpu)
     plans_dir: str = "plans"
     progress: bool = True
+    save_every: int = 0                 # steps between sharded checkpoints (0: none); the last step is saved too
+    keep_last: Optional[int] = None     # committed checkpoints to keep
+    resume_path: Optional[str] = None   # a checkpoint directory, or "last"
 
 
 # ---- checks before any heavy work --------------------------------------------------------------------
@@ -94,6 +97,9 @@ def check_run(args: RunArgs, plan: Plan, plan_path, world_size):
     if world_size != runtime:
         raise RunError(f"{world_size} processes were started but --runtime_ngpus is {runtime}; start "
                        f"`torchrun --nproc_per_node {runtime}` or change --runtime_ngpus")
+    if plan.mesh["ep"] > 1 and (args.save_every or args.resume_path):
+        raise RunError(f"{plan_path}: checkpoints of expert-parallel plans are not supported by this version; "
+                       "drop --save_every / --resume_path or use a plan without expert parallelism")
     for flag, value, planned in (("--micro_batch_size", args.micro_batch_size, plan.search_inputs["micro_batch_size"]),
                                  ("--global_batch_size", args.global_batch_size,
                                   plan.search_inputs["global_batch_size"])):
@@ -336,7 +342,15 @@ def train(args: RunArgs):
         from tqdm import tqdm
         progress = tqdm(total=args.max_steps, desc="train", unit="step", file=sys.stderr)
     data_rank, data_ranks = run_mesh.data_rank(), run_mesh.data_ranks()
-    for step in range(args.max_steps):
+    holders = pipeline.stage_modules if pipeline is not None else [model]
+    start_step = 0
+    if args.resume_path:
+        from runtime import checkpoint
+        path = checkpoint.resolve(args.resume_path, args.save_dir)
+        start_step = checkpoint.load(path, holders, optimizer, scheduler)
+        if progress is not None:
+            progress.update(start_step)
+    for step in range(start_step, args.max_steps):
         started = time.perf_counter()
         batch = data.batch(step)
         local = GlobalBatches.local_slice(batch, data_rank, data_ranks).to(device)
@@ -382,6 +396,9 @@ def train(args: RunArgs):
                   "mfu": flops_per_step / (elapsed * world * peak) if peak and flops_per_step else 0.0}
         records.append(record)
         metrics.log(record)
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
+            from runtime import checkpoint
+            checkpoint.save(args.save_dir, step + 1, holders, optimizer, scheduler, args.keep_last)
         if progress is not None:
             progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                  mfu=f"{100 * record['mfu']:.1f}%")

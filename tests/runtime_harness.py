@@ -75,7 +75,7 @@ def _worker(rank, world, port, run_kwargs, out_dir):
         dist.destroy_process_group()
 
 
-def run_plan(plan, world, model_id, dataset_path, out_dir, max_steps=3, lr=1e-3, seed=0):
+def run_plan(plan, world, model_id, dataset_path, out_dir, max_steps=3, lr=1e-3, seed=0, **run_args):
     """Trains `max_steps` steps of `plan` on `world` CPU processes; returns the per-rank results."""
     os.makedirs(out_dir, exist_ok=True)
     plan_path = os.path.join(out_dir, "plan.json")
@@ -83,6 +83,7 @@ def run_plan(plan, world, model_id, dataset_path, out_dir, max_steps=3, lr=1e-3,
     run_kwargs = dict(model_id=model_id, dataset_path=dataset_path, plan_ngpus=plan.plan_ngpus, runtime_ngpus=world,
                       plan=plan_path, max_steps=max_steps, lr=lr, warmup_steps=1, seed=seed, device="cpu",
                       save_dir=os.path.join(out_dir, "save"), progress=False)
+    run_kwargs.update(run_args)
     mp.spawn(_worker, args=(world, _free_port(), run_kwargs, out_dir), nprocs=world, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
