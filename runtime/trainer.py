@@ -317,17 +317,16 @@ def train(args: RunArgs):
             plan.schedule["micro_batches"], plan.schedule.get("virtual_stages", 1),
             loss_fn=lambda logits, labels: lm_loss_sum(logits, labels) / tokens_per_step,
             device=device, wrap_stage=wrap_stage, total_microbatches=microbatches_total)
-        params = [p for m in pipeline.stage_modules for p in m.parameters()]
         model = None  # the stages hold what this rank needs; let the rest go
     else:
         layers = list(model.model.layers)
         apply_recompute(layers, plan.stages[0].recompute)
         apply_data_parallel([(model, layers)], plan, run_mesh, mp_policy)
-        params = list(model.parameters())
 
-    # experts split by ep hold different values on each ep rank (looked up after FSDP has replaced
-    # the parameter objects)
+    # the modules this rank trains (parameters looked up after FSDP has replaced their objects)
     holders = pipeline.stage_modules if pipeline is not None else [model]
+    params = [p for h in holders for p in h.parameters()]
+    # experts split by ep hold different values on each ep rank
     expert_params = {id(p) for h in holders for b in _moe_blocks(h) for p in b.experts.parameters()} \
         if run_mesh.sizes["ep"] > 1 else set()
     optimizer = _adamw(params, args)
@@ -342,7 +341,6 @@ def train(args: RunArgs):
         from tqdm import tqdm
         progress = tqdm(total=args.max_steps, desc="train", unit="step", file=sys.stderr)
     data_rank, data_ranks = run_mesh.data_rank(), run_mesh.data_ranks()
-    holders = pipeline.stage_modules if pipeline is not None else [model]
     start_step = 0
     if args.resume_path:
         from runtime import checkpoint
@@ -406,11 +404,7 @@ def train(args: RunArgs):
     if progress is not None:
         progress.close()
     metrics.close()
-    if pipeline is not None:
-        final = {n: p for m in pipeline.stage_modules for n, p in m.named_parameters()}
-    else:
-        final = dict(model.named_parameters())
-    return records, final
+    return records, {n: p for h in holders for n, p in h.named_parameters()}
 
 
 def _peak_memory_gib(device):
@@ -465,14 +459,14 @@ def init_distributed(device):
     backend = "nccl" if device == "cuda" else "gloo"
     if "WORLD_SIZE" not in os.environ:  # a plain `python train.py`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend)
 
 
-def _free_port():
+def free_port():
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

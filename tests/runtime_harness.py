@@ -7,13 +7,13 @@ holds (sharded tensors gathered) so that the test can compare them with a single
 
 import json
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from compiler.plan import Plan, Stage, model_fingerprint
+from runtime.trainer import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,12 +50,6 @@ def make_plan(config, model_id, pp=1, dp=1, ep=1, tp=1, zero=0, over_replicas=Tr
     return plan
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _full(tensor):
     from torch.distributed.tensor import DTensor
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
@@ -84,7 +78,7 @@ def run_plan(plan, world, model_id, dataset_path, out_dir, max_steps=3, lr=1e-3,
                       plan=plan_path, max_steps=max_steps, lr=lr, warmup_steps=1, seed=seed, device="cpu",
                       save_dir=os.path.join(out_dir, "save"), progress=False)
     run_kwargs.update(run_args)
-    mp.spawn(_worker, args=(world, _free_port(), run_kwargs, out_dir), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), run_kwargs, out_dir), nprocs=world, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
