@@ -114,7 +114,8 @@ def compile_and_train(args, data_dir):
     train_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
                  "train.py", "--model_id", args.model_id, "--dataset_path", data_dir, "--plan", plan_path,
                  "--runtime_ngpus", str(args.processes), "--device", "cpu", "--max_steps", str(args.steps),
-                 "--lr", "3e-3", "--warmup_steps", "2", "--seed", str(args.seed), "--save_dir", save_dir]
+                 "--lr", "3e-3", "--warmup_steps", "2", "--seed", str(args.seed), "--save_dir", save_dir,
+                 "--tokenizer_path", os.path.join(args.out_dir, "tokenizer")]
     print("torchrun " + " ".join(train_cmd[3:]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if subprocess.run(train_cmd, env=env).returncode != 0:

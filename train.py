@@ -59,7 +59,12 @@ def build_parser():
                             "cuda, fp32 on cpu)")
     train.add_argument("--save_dir", default="checkpoints", help="checkpoints, metrics.jsonl, TensorBoard")
     train.add_argument("--save_every", type=int, default=0,
-                       help="save a sharded checkpoint every N steps and at the last step (0: no checkpoints)")
+                       help="save a sharded checkpoint every N steps (0: only after the last step)")
+    train.add_argument("--no_final_save", action="store_true",
+                       help="do not save a checkpoint after the last step (saved by default)")
+    train.add_argument("--tokenizer_path", default=None,
+                       help="directory whose tokenizer files are kept with each checkpoint, for merge_ckpt.py "
+                            "(default: the tokenizer files of --model_id, if it has any)")
     train.add_argument("--keep_last", type=int, default=None, help="committed checkpoints to keep (default: all)")
     train.add_argument("--resume_path", default=None,
                        help="resume from a checkpoint directory, or `last` for the newest one in --save_dir")
@@ -97,7 +102,8 @@ def run_training(args):
         runtime_ngpus=args.runtime_ngpus, plan=args.plan, max_steps=args.max_steps, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size, seed=args.seed, device=args.device, save_dir=args.save_dir,
-        dtype=args.dtype, save_every=args.save_every, keep_last=args.keep_last, resume_path=args.resume_path))
+        dtype=args.dtype, save_every=args.save_every, keep_last=args.keep_last, resume_path=args.resume_path,
+        final_save=not args.no_final_save, tokenizer_path=args.tokenizer_path))
     if records and int(os.environ.get("RANK", "0")) == 0:
         first, last = records[0], records[-1]
         print(f"trained {len(records)} steps: loss {first['loss']:.4f} -> {last['loss']:.4f}; "

@@ -1,8 +1,16 @@
 """Sharded checkpoints with torch.distributed.checkpoint, atomic by a commit marker.
 
     <save_dir>/step_00000012/          one checkpoint: DCP shards of model and optimizer, per-rank
-                                       extras (LR schedule, step, RNG states), and COMMITTED
+                                       extras (LR schedule, step, RNG states), hf/ and COMMITTED
+    <save_dir>/step_00000012/hf/       what merge_ckpt.py needs besides tensors: config.json, and the
+                                       generation config and tokenizer files when the run had them
     <save_dir>/last                    the name of the newest committed checkpoint
+
+Keys in the DCP checkpoint are "model.<name>" (the training form's parameter names, full global
+shapes whatever the plan: experts as gate_up_proj_E2FD [E, 2, F, D] and down_proj_EDF [E, D, F])
+and "optim.state.<name>.<exp_avg|exp_avg_sq|step>", "optim.param_groups.<name>.<hyperparameter>".
+COMMITTED is JSON: step, world_size, and files: {relative path: {"bytes", "crc32"}} for every
+file of the checkpoint, so a missing, truncated or altered shard is named when it is read back.
 
 Every rank writes into `step_N.partial/`; after a barrier rank 0 writes the COMMITTED marker and
 renames the directory to `step_N`, then moves the `last` pointer (write to a temporary file, then
@@ -13,6 +21,7 @@ previous checkpoint and pointer untouched.
 import json
 import os
 import shutil
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -35,7 +44,8 @@ def _name(step):
     return f"step_{step:08d}"
 
 
-def save(save_dir, step, modules, optimizer, scheduler, keep_last=None):
+def save(save_dir, step, modules, optimizer, scheduler, keep_last=None, hf_files=None, expert_mesh=None):
+    """hf_files: {name in hf/: source path or bytes}, written by rank 0. expert_mesh: see _state."""
     rank = dist.get_rank()
     final = os.path.join(save_dir, _name(step))
     partial = final + ".partial"
@@ -43,14 +53,28 @@ def save(save_dir, step, modules, optimizer, scheduler, keep_last=None):
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     dist.barrier()
-    model_state, optim_state = _state(modules, optimizer)
+    model_state, optim_state = _state(modules, optimizer, expert_mesh)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial)
+    extra = f"extra_rank{rank:05d}.pt"
     torch.save({"scheduler": scheduler.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
-               os.path.join(partial, f"extra_rank{rank:05d}.pt"))
-    dist.barrier()
+               os.path.join(partial, extra))
+    if rank == 0 and hf_files:
+        _write_hf_files(os.path.join(partial, "hf"), hf_files)
+    # Each rank checksums what it wrote (its DCP shard files and extras; rank 0 also the DCP metadata
+    # and hf/), so the reading is spread over the ranks and rank 0 gathers only the results.
+    mine = [extra] + sorted(f for f in os.listdir(partial) if f.startswith(f"__{rank}_"))
     if rank == 0:
+        mine.append(".metadata")
+        if hf_files:
+            mine += [os.path.join("hf", f) for f in sorted(os.listdir(os.path.join(partial, "hf")))]
+    sums = {f: file_checksum(os.path.join(partial, f)) for f in mine}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sums)
+    if rank == 0:
+        files = {k: v for part in gathered for k, v in part.items()}
         with open(os.path.join(partial, COMMIT_MARKER), "w") as f:
-            json.dump({"step": step, "world_size": dist.get_world_size()}, f)
+            json.dump({"step": step, "world_size": dist.get_world_size(), "files": dict(sorted(files.items()))},
+                      f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         tmp = os.path.join(save_dir, LAST_POINTER + ".tmp")
@@ -67,7 +91,30 @@ def save(save_dir, step, modules, optimizer, scheduler, keep_last=None):
     return final
 
 
-def _state(modules, optimizer):
+def file_checksum(path, chunk=1 << 24):
+    """{"bytes": size, "crc32": CRC-32 of the contents} (streamed: shards can be many GiB)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+    return {"bytes": os.path.getsize(path), "crc32": crc}
+
+
+def _write_hf_files(hf_dir, hf_files):
+    os.makedirs(hf_dir, exist_ok=True)
+    for name, source in hf_files.items():
+        target = os.path.join(hf_dir, name)
+        if isinstance(source, bytes):
+            with open(target, "wb") as f:
+                f.write(source)
+        else:
+            shutil.copyfile(source, target)
+
+
+def _state(modules, optimizer, expert_mesh=None):
     model_state, optim_state = {}, {}
     for module in modules:
         m, o = get_state_dict(module, optimizer, options=_OPTIONS)

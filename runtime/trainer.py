@@ -51,7 +51,9 @@ class RunArgs:
     dtype: Optional[str] = None         # compute dtype: bf16 (default on cuda) or fp32 (default on cpu)
     plans_dir: str = "plans"
     progress: bool = True
-    save_every: int = 0                 # steps between sharded checkpoints (0: none); the last step is saved too
+    save_every: int = 0                 # steps between sharded checkpoints (0: only the final one)
+    final_save: bool = True             # save a checkpoint after the last step
+    tokenizer_path: Optional[str] = None  # tokenizer files to ship with checkpoints (default: --model_id's)
     keep_last: Optional[int] = None     # committed checkpoints to keep
     resume_path: Optional[str] = None   # a checkpoint directory, or "last"
 
@@ -94,12 +96,12 @@ def check_run(args: RunArgs, plan: Plan, plan_path, world_size):
                        "this version of the runtime (its gradient norm disagrees with a single process); compile a "
                        "plan with ZeRO 0 or without tensor parallelism")
     plan.check_run(args.plan_ngpus, runtime, source=plan_path)
+    if args.tokenizer_path and not os.path.isdir(args.tokenizer_path):
+        raise RunError(f"--tokenizer_path {args.tokenizer_path}: no such directory; pass the directory the "
+                       "tokenizer was saved to (tokenizer.json, tokenizer_config.json)")
     if world_size != runtime:
         raise RunError(f"{world_size} processes were started but --runtime_ngpus is {runtime}; start "
                        f"`torchrun --nproc_per_node {runtime}` or change --runtime_ngpus")
-    if plan.mesh["ep"] > 1 and (args.save_every or args.resume_path):
-        raise RunError(f"{plan_path}: checkpoints of expert-parallel plans are not supported by this version; "
-                       "drop --save_every / --resume_path or use a plan without expert parallelism")
     for flag, value, planned in (("--micro_batch_size", args.micro_batch_size, plan.search_inputs["micro_batch_size"]),
                                  ("--global_batch_size", args.global_batch_size,
                                   plan.search_inputs["global_batch_size"])):
@@ -394,9 +396,12 @@ def train(args: RunArgs):
                   "mfu": flops_per_step / (elapsed * world * peak) if peak and flops_per_step else 0.0}
         records.append(record)
         metrics.log(record)
-        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
+        periodic = args.save_every and (step + 1) % args.save_every == 0
+        if periodic or (args.final_save and step + 1 == args.max_steps):
             from runtime import checkpoint
-            checkpoint.save(args.save_dir, step + 1, holders, optimizer, scheduler, args.keep_last)
+            checkpoint.save(args.save_dir, step + 1, holders, optimizer, scheduler, args.keep_last,
+                            hf_files=hf_files_of_run(args) if rank == 0 else None,
+                            expert_mesh=run_mesh.mesh["ep"] if run_mesh.sizes["ep"] > 1 else None)
         if progress is not None:
             progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                  mfu=f"{100 * record['mfu']:.1f}%")
@@ -405,6 +410,25 @@ def train(args: RunArgs):
         progress.close()
     metrics.close()
     return records, {n: p for h in holders for n, p in h.named_parameters()}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def hf_files_of_run(args: RunArgs):
+    """What a checkpoint's hf/ folder gets, for merge_ckpt.py: --model_id's config.json (as published),
+    its generation_config.json if any, and the tokenizer files of --tokenizer_path (default
+    --model_id) that exist."""
+    files = {"config.json": os.path.join(args.model_id, "config.json")}
+    generation = os.path.join(args.model_id, "generation_config.json")
+    if os.path.isfile(generation):
+        files["generation_config.json"] = generation
+    tokenizer_dir = args.tokenizer_path or args.model_id
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(tokenizer_dir, name)):
+            files[name] = os.path.join(tokenizer_dir, name)
+    return files
 
 
 def _peak_memory_gib(device):

@@ -76,7 +76,7 @@ def run_plan(plan, world, model_id, dataset_path, out_dir, max_steps=3, lr=1e-3,
     plan.save(plan_path)
     run_kwargs = dict(model_id=model_id, dataset_path=dataset_path, plan_ngpus=plan.plan_ngpus, runtime_ngpus=world,
                       plan=plan_path, max_steps=max_steps, lr=lr, warmup_steps=1, seed=seed, device="cpu",
-                      save_dir=os.path.join(out_dir, "save"), progress=False)
+                      save_dir=os.path.join(out_dir, "save"), progress=False, final_save=False)
     run_kwargs.update(run_args)
     mp.spawn(_worker, args=(world, free_port(), run_kwargs, out_dir), nprocs=world, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
