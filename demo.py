@@ -9,7 +9,9 @@
             on one forward and backward;
 3. compile: a plan for 4 devices with the cpu profile (train.py --run_mode compile);
 4. train:   that plan replicated on 8 CPU processes (torchrun ... train.py) for --steps steps,
-            printing the loss curve.
+            printing the loss curve, and saving a sharded checkpoint at the end;
+5. merge:   merge_ckpt.py turns that checkpoint into a Hugging Face directory, which transformers
+            loads (AutoModelForCausalLM, trust_remote_code) and scores on the training rows.
 
 Everything lands in --out_dir (default demo_out/), which is rebuilt on every run.
 """
@@ -74,7 +76,7 @@ def main(argv=None):
     training = apply_training_form(copy.deepcopy(reference))
     print("training form: router op deepseek::moe_route, experts merged for grouped GEMM, SDPA attention")
 
-    step("3. forward and backward on a batch")
+    print("forward and backward on a batch:")
     rows = datasets.load_from_disk(data_dir).with_format("torch")
     batch = rows[: args.batch_size]["input_ids"].long()
     reference.train(), training.train()
@@ -126,7 +128,31 @@ def compile_and_train(args, data_dir):
     print(f"loss by step: {curve}")
     first, last = records[0]["loss"], records[-1]["loss"]
     print(f"loss {first:.4f} -> {last:.4f} ({'falling' if last < first else 'NOT falling'})")
-    return 0 if last < first else 1
+    if last >= first:
+        return 1
+    return merge_and_load(args, save_dir, data_dir)
+
+
+def merge_and_load(args, save_dir, data_dir):
+    import subprocess
+
+    import datasets
+    from transformers import AutoModelForCausalLM
+    step("5. merge the final checkpoint into a Hugging Face directory and load it with transformers")
+    hf_dir = os.path.join(args.out_dir, "hf")
+    merge_cmd = [sys.executable, "merge_ckpt.py", "--ckpt_dir", save_dir, "--output_dir", hf_dir]
+    print(" ".join(merge_cmd[1:]))
+    if subprocess.run(merge_cmd).returncode != 0:
+        return 1
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True)
+    rows = datasets.load_from_disk(data_dir).with_format("torch")
+    batch = rows[: args.batch_size]["input_ids"].long()
+    with torch.no_grad():
+        loss = model.eval()(input_ids=batch, labels=batch).loss
+    print(f"{hf_dir}: {sorted(os.listdir(hf_dir))}")
+    print(f"AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) -> {type(model).__name__}; "
+          f"its loss on {tuple(batch.shape)} training rows: {loss.item():.4f}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ previous checkpoint and pointer untouched.
 import json
 import os
 import shutil
+import time
 import zlib
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 # Optimizer state keyed by parameter name (hyperparameters too): what each rank holds is then
 # self-describing, whichever modules (pipeline stages) the rank has.
@@ -34,6 +36,7 @@ _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 COMMIT_MARKER = "COMMITTED"
 LAST_POINTER = "last"
+SAVE_DELAY_ENV = "DEEPSEEK_MOE_TEST_SAVE_DELAY_S"
 
 
 class CheckpointError(ValueError):
@@ -44,8 +47,8 @@ def _name(step):
     return f"step_{step:08d}"
 
 
-def save(save_dir, step, modules, optimizer, scheduler, keep_last=None, hf_files=None, expert_mesh=None):
-    """hf_files: {name in hf/: source path or bytes}, written by rank 0. expert_mesh: see _state."""
+def save(save_dir, step, modules, optimizer, scheduler, keep_last=None, hf_files=None, ep_mesh=None):
+    """hf_files: {name in hf/: source path or bytes}, written by rank 0. ep_mesh: see _state."""
     rank = dist.get_rank()
     final = os.path.join(save_dir, _name(step))
     partial = final + ".partial"
@@ -53,13 +56,18 @@ def save(save_dir, step, modules, optimizer, scheduler, keep_last=None, hf_files
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     dist.barrier()
-    model_state, optim_state = _state(modules, optimizer, expert_mesh)
+    model_state, optim_state, _ = _state(modules, optimizer, ep_mesh)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial)
     extra = f"extra_rank{rank:05d}.pt"
     torch.save({"scheduler": scheduler.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
                os.path.join(partial, extra))
     if rank == 0 and hf_files:
         _write_hf_files(os.path.join(partial, "hf"), hf_files)
+    # Fault injection for the tests ("STEP:SECONDS"): hold the save of that step open after the
+    # shards are written and before the commit, so that a test can kill the run in mid-save.
+    delayed_step, _, seconds = os.environ.get(SAVE_DELAY_ENV, "").partition(":")
+    if delayed_step and int(delayed_step) == step:
+        time.sleep(float(seconds))
     # Each rank checksums what it wrote (its DCP shard files and extras; rank 0 also the DCP metadata
     # and hf/), so the reading is spread over the ranks and rank 0 gathers only the results.
     mine = [extra] + sorted(f for f in os.listdir(partial) if f.startswith(f"__{rank}_"))
@@ -114,13 +122,58 @@ def _write_hf_files(hf_dir, hf_files):
             shutil.copyfile(source, target)
 
 
-def _state(modules, optimizer, expert_mesh=None):
+def _state(modules, optimizer, ep_mesh=None):
+    """This rank's model and optimizer state for DCP, every tensor in its global form.
+
+    FSDP's DTensors already are. Expert-parallel experts are not: each ep rank holds a different
+    slice of the expert dimension under the same name (a plain tensor, or a DTensor sharded only over
+    the data ranks that share those experts). Given ep_mesh (the 1-D ep mesh), they are presented
+    as DTensors Shard(0) over it, so DCP writes them as slices of one [E, ...] tensor (ranks holding
+    the same experts write it once) and can reshard them for any other plan. Returns (model_state,
+    optim_state, local_forms): local_forms maps each converted key to the tensor it came from, which
+    `_to_local_forms` needs after a load."""
     model_state, optim_state = {}, {}
     for module in modules:
         m, o = get_state_dict(module, optimizer, options=_OPTIONS)
         model_state.update(m)
         optim_state = o  # one optimizer over all of this rank's modules
-    return model_state, optim_state
+    local_forms = {}
+    if ep_mesh is not None:
+        names = _expert_parameter_names(modules)
+        for state, key_of in ((model_state, lambda n: [n]),
+                              (optim_state, lambda n: [f"state.{n}.exp_avg", f"state.{n}.exp_avg_sq"])):
+            for name in names:
+                for key in key_of(name):
+                    if key in state:
+                        local_forms[key] = state[key]
+                        state[key] = _global_experts(state[key], ep_mesh)
+    return model_state, optim_state, local_forms
+
+
+def _expert_parameter_names(modules):
+    from runtime.expert_parallel import ExpertParallelExperts
+    names = []
+    for module in modules:
+        for prefix, sub in module.named_modules():
+            if isinstance(sub, ExpertParallelExperts):
+                names += [f"{prefix}.{n}" for n, _ in sub.named_parameters(recurse=False)]
+    return sorted(names)
+
+
+def _global_experts(tensor, ep_mesh):
+    # This ep rank's experts in full (gathered over the data ranks if ZeRO shards them), as its
+    # slice of the [E, ...] tensor.
+    local = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
+
+
+def _to_local_forms(state, local_forms):
+    """After a load: each converted entry back to the form the module and optimizer hold."""
+    for key, original in local_forms.items():
+        loaded = state[key].to_local()
+        if isinstance(original, DTensor):  # this rank's ZeRO shard of the loaded experts
+            loaded = distribute_tensor(loaded, original.device_mesh, original.placements, src_data_rank=None)
+        state[key] = loaded
 
 
 def resolve(resume_path, save_dir):
@@ -140,11 +193,13 @@ def resolve(resume_path, save_dir):
     return resume_path
 
 
-def load(path, modules, optimizer, scheduler):
+def load(path, modules, optimizer, scheduler, ep_mesh=None):
     """Restores this rank's shards (resharded by DCP if the plan differs); returns the saved step."""
-    model_state, optim_state = _state(modules, optimizer)
+    model_state, optim_state, local_forms = _state(modules, optimizer, ep_mesh)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
+    _to_local_forms(state["model"], {k: v for k, v in local_forms.items() if k in model_state})
+    _to_local_forms(state["optim"], {k: v for k, v in local_forms.items() if k in optim_state})
     for module in modules:
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=_OPTIONS)
@@ -156,5 +211,24 @@ def load(path, modules, optimizer, scheduler):
         torch.set_rng_state(extra["torch_rng"])
     else:  # a different world size: the schedule and step are the same on every rank
         extra = torch.load(os.path.join(path, "extra_rank00000.pt"), weights_only=True)
-    scheduler.load_state_dict(extra["scheduler"])
+    scheduler.load_state_dict(_fit_param_groups(extra["scheduler"], len(optimizer.param_groups), path))
     return extra["step"]
+
+
+def _fit_param_groups(scheduler_state, groups, path):
+    """The LR schedule saved under another plan can have another number of optimizer parameter
+    groups (the optimizer makes one per device mesh). The schedule is the same for every group, so
+    its per-group lists are widened or narrowed to this plan's count."""
+    state = dict(scheduler_state)
+    for key in ("base_lrs", "_last_lr"):
+        values = state.get(key)
+        if values is None or len(values) == groups:
+            continue
+        if len(set(values)) != 1:
+            raise CheckpointError(f"{path}: the saved LR schedule has different values per parameter group "
+                                  f"({key} = {values}) and cannot be mapped onto this plan's {groups} groups")
+        state[key] = [values[0]] * groups
+    lambdas = state.get("lr_lambdas")
+    if lambdas is not None and len(lambdas) != groups:
+        state["lr_lambdas"] = [lambdas[0]] * groups
+    return state

@@ -331,6 +331,7 @@ def train(args: RunArgs):
     # experts split by ep hold different values on each ep rank
     expert_params = {id(p) for h in holders for b in _moe_blocks(h) for p in b.experts.parameters()} \
         if run_mesh.sizes["ep"] > 1 else set()
+    ep_mesh = run_mesh.mesh["ep"] if run_mesh.sizes["ep"] > 1 else None  # how checkpoints see experts
     optimizer = _adamw(params, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
@@ -347,9 +348,15 @@ def train(args: RunArgs):
     if args.resume_path:
         from runtime import checkpoint
         path = checkpoint.resolve(args.resume_path, args.save_dir)
-        start_step = checkpoint.load(path, holders, optimizer, scheduler)
+        start_step = checkpoint.load(path, holders, optimizer, scheduler, ep_mesh)
         if progress is not None:
             progress.update(start_step)
+
+    def save_checkpoint(step):
+        from runtime import checkpoint
+        checkpoint.save(args.save_dir, step, holders, optimizer, scheduler, args.keep_last,
+                        hf_files=hf_files_of_run(args) if rank == 0 else None, ep_mesh=ep_mesh)
+
     for step in range(start_step, args.max_steps):
         started = time.perf_counter()
         batch = data.batch(step)
@@ -398,14 +405,13 @@ def train(args: RunArgs):
         metrics.log(record)
         periodic = args.save_every and (step + 1) % args.save_every == 0
         if periodic or (args.final_save and step + 1 == args.max_steps):
-            from runtime import checkpoint
-            checkpoint.save(args.save_dir, step + 1, holders, optimizer, scheduler, args.keep_last,
-                            hf_files=hf_files_of_run(args) if rank == 0 else None,
-                            expert_mesh=run_mesh.mesh["ep"] if run_mesh.sizes["ep"] > 1 else None)
+            save_checkpoint(step + 1)
         if progress is not None:
             progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                  mfu=f"{100 * record['mfu']:.1f}%")
             progress.update(1)
+    if args.final_save and args.max_steps == 0:  # the weights as loaded, e.g. to merge them straight back
+        save_checkpoint(0)
     if progress is not None:
         progress.close()
     metrics.close()
