@@ -39,6 +39,9 @@ def build_parser():
                       help="devices of the run; a multiple of --plan_ngpus, the plan being replicated runtime_ngpus / plan_ngpus times (default: --plan_ngpus)")
     plan.add_argument("--plan", help="plan file to run or inspect (default: found in plans/ by model and P)")
     plan.add_argument("--plan_out", help="where compile writes the plan (default plans/<model>-<P>gpu.json)")
+    plan.add_argument("--plan_rank", type=int, default=1,
+                      help="compile: write the K-th best plan instead of the best (2 = the first runner-up), to "
+                           "measure the search's ranking")
     plan.add_argument("--mem_limit_gib", type=float, default=64.0, help="memory limit per device for the search")
     plan.add_argument("--device_profile", default="h100",
                       help="h100, h200, cpu, or a profile JSON file, for the cost model")
@@ -80,7 +83,8 @@ def run_compile(args):
         model_id=args.model_id, plan_ngpus=args.plan_ngpus, runtime_ngpus=args.runtime_ngpus,
         seq_len=args.seq_len, micro_batch_size=args.micro_batch_size or 4,
         global_batch_size=args.global_batch_size or 64,
-        mem_limit_gib=args.mem_limit_gib, device_profile=args.device_profile, plan_out=args.plan_out))
+        mem_limit_gib=args.mem_limit_gib, device_profile=args.device_profile, plan_out=args.plan_out,
+        plan_rank=args.plan_rank))
     print(summarize(plan))
     print(f"plan: {path}  report: {path[:-5]}.md, {path[:-5]}.png")
     return 0

@@ -6,6 +6,7 @@ Runs on a CPU in seconds: the model is built on the meta device, so no weights a
 allocated, whatever the model's size.
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ class CompileRequest:
     plans_dir: str = "plans"
     report: bool = True
     compute_dtype: Optional[str] = None   # bf16 (default on GPUs) or fp32 (default for the cpu profile)
+    plan_rank: int = 1                    # 1: the best plan; K: the K-th best (to measure runners-up)
 
 
 def check_request(req: CompileRequest):
@@ -58,6 +60,8 @@ def check_request(req: CompileRequest):
                         f"{req.micro_batch_size}")
     if req.mem_limit_gib <= 0:
         raise PlanError("--mem_limit_gib must be positive")
+    if req.plan_rank < 1:
+        raise PlanError(f"--plan_rank must be 1 (the best plan) or more, got {req.plan_rank}")
 
 
 def _log(msg):
@@ -95,6 +99,15 @@ def compile_plan(req: CompileRequest):
          f"{mem_limit:g} GiB per device")
     result = search(cost_model, req.plan_ngpus, runtime, req.global_batch_size, req.micro_batch_size)
     _log(f"scored {result.considered} candidates, {len(result.ranked)} fit")
+    if req.plan_rank > 1:
+        if req.plan_rank > len(result.ranked):
+            raise PlanError(f"--plan_rank {req.plan_rank}: only {len(result.ranked)} candidates fit; choose at most "
+                            f"{len(result.ranked)}")
+        chosen = result.ranked[req.plan_rank - 1]
+        _log(f"--plan_rank {req.plan_rank}: writing {chosen.candidate.describe()} instead of the best, "
+             f"{result.best.candidate.describe()}")
+        result = dataclasses.replace(result, best=chosen,
+                                     ranked=[chosen] + [r for r in result.ranked if r is not chosen])
 
     name = model_name_of(req.model_id)
     plan = build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dtype)

@@ -61,14 +61,16 @@ def build_model(config, device="cpu", dtype=torch.float32, seed=None):
     return model.to(dtype)
 
 
-def initial_value(name, shape, config, seed):
-    """The random initial value of parameter `name`, a function of (seed, name) only.
+def initial_value(name, shape, config, seed, device="cpu"):
+    """The random initial value of parameter `name`, a function of (seed, name, device type) only.
 
     Every rank can build exactly the tensor a single process would, whatever part of it the rank
-    keeps, so a random start is the same for every plan. RMSNorm weights start at 1, every other
-    weight at N(0, initializer_range) (the models' _init_weights rule)."""
+    keeps, so a random start is the same for every plan on the same kind of device. RMSNorm weights
+    start at 1, every other weight at N(0, initializer_range) (the models' _init_weights rule). The
+    numbers are drawn on `device`: a GPU draws a 16B-parameter model in seconds where a CPU takes
+    minutes per rank (CPU and CUDA generators give different, equally valid, draws)."""
     import zlib
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randn(shape, generator=generator) * config.initializer_range
+        return torch.ones(shape, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator, device=device) * config.initializer_range

@@ -337,7 +337,10 @@ def train(args: RunArgs):
         optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
     metrics = MetricsLog(args.save_dir, enabled=(rank == 0))
     peak = _peak_flops(plan)
-    flops_per_step = plan.predicted.get("model_flops_per_step", 0.0) * run_mesh.replicas
+    # The plan's FLOPs are those of one replica's share of the global batch at the replica count it
+    # was compiled for; the global batch (and so the step's FLOPs) is the same at any replica count.
+    planned_replicas = plan.search_inputs.get("runtime_ngpus", plan.plan_ngpus) // plan.plan_ngpus
+    flops_per_step = plan.predicted.get("model_flops_per_step", 0.0) * planned_replicas
     records = []
     progress = None
     if rank == 0 and args.progress:

@@ -88,7 +88,10 @@ def materialize(model, config, device, seed, checkpoint=None):
             full_shape = tuple(param.shape)
             if name in expert_slices:
                 full_shape = (config.n_routed_experts,) + full_shape[1:]
-            full = checkpoint.full(name) if checkpoint is not None else initial_value(name, full_shape, config, seed)
+            if checkpoint is not None:
+                full = checkpoint.full(name)
+            else:
+                full = initial_value(name, full_shape, config, seed, device=device)
             if tuple(full.shape) != full_shape:
                 raise ValueError(f"{name}: the checkpoint holds shape {tuple(full.shape)}, the model needs {full_shape}")
             piece = _local_piece(full.to(torch.float32), param, expert_slices.get(name))

@@ -170,6 +170,21 @@ def tiny_plan(tmp_path_factory):
     return plan, path
 
 
+def test_plan_rank_writes_the_runner_up_the_best_plan_lists(tiny_plan, tmp_path):
+    best, _ = tiny_plan
+    second, _ = compile_plan(CompileRequest(model_id=os.path.join(CONFIGS, "tiny-deepseek-v2"), plan_ngpus=4,
+                                            runtime_ngpus=8, seq_len=64, micro_batch_size=2, global_batch_size=32,
+                                            mem_limit_gib=4, device_profile="cpu", plan_out=str(tmp_path / "2.json"),
+                                            report=False, plan_rank=2))
+    runner_up = best.alternatives[0]
+    assert second.predicted["step_time_s"] == runner_up["predicted"]["step_time_s"]
+    assert second.alternatives[0]["predicted"]["step_time_s"] == best.predicted["step_time_s"]
+    with pytest.raises(PlanError, match="--plan_rank 100000: only"):
+        compile_plan(CompileRequest(model_id=os.path.join(CONFIGS, "tiny-deepseek-v2"), plan_ngpus=4, seq_len=64,
+                                    micro_batch_size=2, global_batch_size=32, mem_limit_gib=4, device_profile="cpu",
+                                    plan_out=str(tmp_path / "x.json"), report=False, plan_rank=100000))
+
+
 def test_plan_json_round_trip_and_required_keys(tiny_plan):
     plan, path = tiny_plan
     with open(path) as f:
