@@ -7,7 +7,7 @@
 # 1. compile the plan for the full DeepSeek-Coder-V2-Lite (27 layers, seq 2048, micro-batch 4,
 #    global batch 64) on 4 devices with PROFILE, for N runtime GPUs, and its two runners-up
 #    (--plan_rank 2, 3);
-# 2. run the plan and the runners-up for STEPS steps with torchrun on N GPUs (bench/plan_runs.py);
+# 2. run the plan for STEPS steps and the runners-up for 15 with torchrun on N GPUs (bench/plan_runs.py);
 # 3. save a checkpoint of a 4-layer model of the same shape on N GPUs under its own 4-device plan,
 #    merge it with merge_ckpt.py and load it with transformers.
 set -uo pipefail
@@ -30,7 +30,7 @@ done
 
 python bench/plan_runs.py --model_id $MODEL --steps "$STEPS" --warmup 5 --out "$OUT/runs" --timeout_s 420 \
     --extra "$EXTRA" --run "best=$OUT/plans/rank1.json@$N" \
-    --run "second=$OUT/plans/rank2.json@$N" --run "third=$OUT/plans/rank3.json@$N"
+    --run "second=$OUT/plans/rank2.json@$N:15" --run "third=$OUT/plans/rank3.json@$N:15"
 
 # 3. checkpoint -> merge -> transformers, on a 4-layer model of the same shape (the full model's
 #    optimizer state would be ~190 GB of disk)

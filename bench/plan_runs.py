@@ -32,12 +32,14 @@ sys.path.insert(0, REPO)
 
 
 def parse_run(text):
+    """NAME=PLAN.json@NGPUS[:STEPS] -> (name, plan, ngpus, steps or None)."""
     try:
         name, rest = text.split("=", 1)
         plan, n = rest.rsplit("@", 1)
-        return name, plan, int(n)
+        n, _, steps = n.partition(":")
+        return name, plan, int(n), int(steps) if steps else None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--run {text!r}: expected NAME=PLAN.json@NGPUS")
+        raise argparse.ArgumentTypeError(f"--run {text!r}: expected NAME=PLAN.json@NGPUS or NAME=PLAN.json@NGPUS:STEPS")
 
 
 def random_rows(path, vocab_size, seq_len, rows, seed=0):
@@ -64,8 +66,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_id", required=True, help="model directory (config.json; random initialisation)")
     p.add_argument("--run", action="append", type=parse_run, required=True,
-                   help="NAME=PLAN.json@NGPUS; repeat for several runs (they run one after another)")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+                   help="NAME=PLAN.json@NGPUS[:STEPS]; repeat for several runs (they run one after another)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (unless the run gives its own)")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the medians")
     p.add_argument("--out", default="bench_out", help="output directory (runs' metrics, results.json)")
     p.add_argument("--timeout_s", type=int, default=900, help="limit per run; a run past it is stopped")
@@ -78,16 +80,17 @@ def main(argv=None):
     config = load_config(args.model_id)
     os.makedirs(args.out, exist_ok=True)
     results = {}
-    for name, plan_path, ngpus in args.run:
+    for name, plan_path, ngpus, steps in args.run:
+        steps = steps or args.steps
         plan = Plan.load(plan_path)
         seq, global_batch = plan.search_inputs["seq_len"], plan.search_inputs["global_batch_size"]
         data = random_rows(os.path.join(args.out, f"rows_{seq}"), config.vocab_size, seq,
-                           rows=global_batch * args.steps)
+                           rows=global_batch * max(s or args.steps for *_, s in args.run))
         save_dir = os.path.join(args.out, name)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ngpus),
                os.path.join(REPO, "train.py"), "--model_id", args.model_id, "--dataset_path", data,
                "--plan", plan_path, "--runtime_ngpus", str(ngpus), "--device", args.device,
-               "--max_steps", str(args.steps), "--warmup_steps", "10", "--lr", "1e-4",
+               "--max_steps", str(steps), "--warmup_steps", "10", "--lr", "1e-4",
                "--save_dir", save_dir, "--no_final_save"] + args.extra.split()
         print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
         started = time.perf_counter()
