@@ -180,8 +180,8 @@ def apply_data_parallel(modules_with_layers, plan, run_mesh, mp_policy):
             experts = getattr(getattr(layer, "mlp", None), "experts", None)
             if experts is None or not expert_parallel:
                 continue
-            if expert_mesh.size() > 1:
-                wrap(experts, expert_mesh)
+            if expert_mesh.size() > 1 or mp_policy.param_dtype is not None:
+                wrap(experts, expert_mesh)  # (also on a mesh of one rank: FSDP casts them for compute)
             else:
                 own_experts |= set(experts.parameters())
         for layer in layers:

@@ -179,3 +179,16 @@ def test_hf_checkpoint_is_loaded_into_each_ranks_share(setup, tmp_path, override
     assert params.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(params[name], value), name
+
+
+def test_expert_parallel_runs_in_bf16_when_no_data_rank_shares_the_experts(setup, tmp_path):
+    """ep=2 on 2 ranks: each rank's experts are its own (no ZeRO group to shard them over), yet they
+    must still be cast to the compute dtype like every other parameter. The losses follow a single
+    bf16 process's to bf16 rounding."""
+    def run(overrides, world, name):
+        plan = make_plan(setup["config"], setup["model_dir"], seq_len=SEQ, micro_batch_size=MICRO,
+                         global_batch_size=GLOBAL, **overrides)
+        return losses(run_plan(plan, world, setup["model_dir"], setup["data_dir"], str(tmp_path / name),
+                               dtype="bf16"))
+    single, expert = run({}, 1, "single"), run(dict(ep=2), 2, "ep2")
+    assert expert == pytest.approx(single, rel=2e-3)
