@@ -29,25 +29,47 @@ def set_fused_kernels(enabled):
     _FUSED_KERNELS["enabled"] = bool(enabled)
 
 
+STATIC_SHAPES = 4  # distinct shapes compiled with static sizes before switching to a symbolic row count
+
+
 def _compiled_on_cuda(fn):
     """fn itself on the CPU and the meta device; on CUDA, one fused kernel made by torch.compile.
 
     Used for the memory-bound elementwise and gather-reduce work between the grouped GEMMs, where
-    eager PyTorch would make one pass over [T*K, ...] tensors per operator."""
-    compiled = None
+    eager PyTorch would make one pass over [T*K, ...] tensors per operator.
+
+    Static shapes: the row widths (2F, D) are then known multiples of 16 bytes and the kernels
+    vectorise (with every size dynamic they ran 3-5x slower). A plan without expert parallelism has
+    one row count per micro-batch shape, so this compiles once or twice. Under expert parallelism
+    the rows a rank receives change every step: after STATIC_SHAPES distinct shapes, calls go to a
+    second compilation whose row count (dim 0 of every argument) is symbolic and whose widths stay
+    static, so it compiles once more and never again."""
+    static_compiled, dynamic_compiled, static_shapes = None, None, set()
+
+    def dynamic_rows(*args):  # a code object of its own: its compilations never mix with the static ones
+        return fn(*args)
 
     def call(*args):
-        nonlocal compiled
-        if not (args[0].is_cuda and _FUSED_KERNELS["enabled"]):
+        nonlocal static_compiled, dynamic_compiled
+        # Inside a torch.compile'd region (a compiled decoder layer) the outer compile fuses fn with
+        # its neighbours itself: trace the plain function.
+        if torch.compiler.is_compiling() or not (args[0].is_cuda and _FUSED_KERNELS["enabled"]):
             return fn(*args)
-        if compiled is None:
-            # Static shapes: the row widths (2F, D) are then known multiples of 16 bytes and the
-            # kernels vectorise; with dynamic shapes they ran 3-5x slower. A model has one token
-            # count per micro-batch shape, so this compiles once per shape.
-            # Each distinct shape is a recompile; leave room for every layer shape of a plan.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-        return compiled(*args)
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        if shapes in static_shapes or len(static_shapes) < STATIC_SHAPES:
+            if static_compiled is None:
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                static_compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+            static_shapes.add(shapes)
+            return static_compiled(*args)
+        if any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] < 2 for a in args):
+            return fn(*args)  # sizes 0 and 1 cannot be symbolic (and cost nothing in eager mode)
+        if dynamic_compiled is None:
+            dynamic_compiled = torch.compile(dynamic_rows, fullgraph=True)
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                torch._dynamo.mark_dynamic(a, 0)
+        return dynamic_compiled(*args)
 
     call.__name__ = call.__qualname__ = fn.__name__
     call.__doc__ = fn.__doc__
