@@ -71,6 +71,26 @@ def build_parser():
     train.add_argument("--keep_last", type=int, default=None, help="committed checkpoints to keep (default: all)")
     train.add_argument("--resume_path", default=None,
                        help="resume from a checkpoint directory, or `last` for the newest one in --save_dir")
+
+    speed = p.add_argument_group("speed (each measured by bench/train_step.py; the defaults keep the plain path)")
+    speed.add_argument("--attention", default=None,
+                       choices=("sdpa", "sdpa_flash_padded", "sdpa_efficient", "sdpa_cudnn", "flash", "eager"),
+                       help="attention kernel: sdpa lets PyTorch choose; sdpa_flash_padded forces its flash kernel "
+                            "(MLA's 128-wide values zero-padded to the 192-wide query/key head); sdpa_efficient, "
+                            "sdpa_cudnn force those kernels (CUDA only); flash needs the flash-attn package. "
+                            "Unset: flash if installed, else sdpa")
+    speed.add_argument("--compile", default="none", choices=("none", "norm_rope", "layer", "layer_eager_experts"),
+                       help="torch.compile of each decoder layer's forward (layer), the same with the routed experts "
+                            "left eager (layer_eager_experts), or only RMSNorm and RoPE as fused kernels (norm_rope); "
+                            "needs bf16 compute; the first step includes the compile time")
+    speed.add_argument("--ce_chunk_tokens", type=int, default=0,
+                       help="compute the cross-entropy from the final hidden states this many positions at a time, "
+                            "never holding the full float32 logits (0: the plain loss over full logits; plans "
+                            "without pipeline stages)")
+    speed.add_argument("--fused_adamw", action="store_true", help="AdamW's fused kernel instead of the foreach one")
+    speed.add_argument("--defer_grad_sync", action="store_true",
+                       help="ZeRO 0 plans: accumulate gradients over the step's micro-batches (float32) and reduce "
+                            "them once, keeping the bf16 weight copies gathered in between")
     return p
 
 
@@ -107,7 +127,9 @@ def run_training(args):
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size, seed=args.seed, device=args.device, save_dir=args.save_dir,
         dtype=args.dtype, save_every=args.save_every, keep_last=args.keep_last, resume_path=args.resume_path,
-        final_save=not args.no_final_save, tokenizer_path=args.tokenizer_path))
+        final_save=not args.no_final_save, tokenizer_path=args.tokenizer_path, attention=args.attention,
+        compile=args.compile, ce_chunk_tokens=args.ce_chunk_tokens, fused_adamw=args.fused_adamw,
+        defer_grad_sync=args.defer_grad_sync))
     if records and int(os.environ.get("RANK", "0")) == 0:
         first, last = records[0], records[-1]
         print(f"trained {len(records)} steps: loss {first['loss']:.4f} -> {last['loss']:.4f}; "

@@ -37,19 +37,27 @@ from .configuration_deepseek import DeepseekConfig, DeepseekV2Config
 # ----------------------------------------------------------------------------------------------
 # Normalisation and feed-forward
 # ----------------------------------------------------------------------------------------------
+def rms_norm(hidden_states, weight, eps):
+    """RMSNorm with its statistics in float32 whatever the compute dtype, as the public models do."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype)
+
+
 class DeepseekRMSNorm(nn.Module):
+    # The normalisation function; the training form may swap in a fused (compiled) one with the
+    # same signature, as it swaps attention kernels.
+    norm_fn = staticmethod(rms_norm)
+
     def __init__(self, hidden_size, eps=1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
     def forward(self, hidden_states):
-        # Statistics in float32 whatever the compute dtype, as the public models do.
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return self.norm_fn(hidden_states, self.weight, self.variance_epsilon)
 
 
 class DeepseekMLP(nn.Module):
@@ -330,6 +338,8 @@ class DeepseekV2Attention(nn.Module):
 
     # The attention kernel; the training form swaps in SDPA or flash-attn.
     attention_fn = staticmethod(eager_attention)
+    # The rotary embedding of q and k; the training form may swap in a fused (compiled) one.
+    rotary_fn = staticmethod(apply_rotary_pos_emb)
     # Tensor parallelism splits the heads: the per-head projections column-wise, o_proj row-wise;
     # the shared latent (kv_a_proj_with_mqa, q_a_proj and their norms) stays whole. The attributes
     # named in TP_HEAD_ATTRS count heads and are divided by the tensor-parallel degree.
@@ -393,7 +403,7 @@ class DeepseekV2Attention(nn.Module):
         k_nope, value = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
         cos, sin = position_embeddings
-        q_pe, k_pe = apply_rotary_pos_emb(q_pe, k_pe, cos, sin, interleaved=True)
+        q_pe, k_pe = self.rotary_fn(q_pe, k_pe, cos, sin, interleaved=True)
         query = torch.cat([q_nope, q_pe], dim=-1)
         key = torch.cat([k_nope, k_pe.expand(B, self.num_heads, S, self.qk_rope_head_dim)], dim=-1)
         return query, key, value
@@ -411,6 +421,7 @@ class DeepseekAttention(nn.Module):
     """DeepSeekMoE v1 attention: LLaMA-style multi-head (or grouped-query) attention."""
 
     attention_fn = staticmethod(eager_attention)
+    rotary_fn = staticmethod(apply_rotary_pos_emb)
     TP_LAYOUT = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
     TP_HEAD_ATTRS = ("num_heads", "num_key_value_heads")
 
@@ -437,7 +448,7 @@ class DeepseekAttention(nn.Module):
         k = self.k_proj(hidden_states_BSD).view(B, S, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states_BSD).view(B, S, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, interleaved=False)
+        q, k = self.rotary_fn(q, k, cos, sin, interleaved=False)
         if self.num_key_value_groups > 1:
             k = k.repeat_interleave(self.num_key_value_groups, dim=1)
             v = v.repeat_interleave(self.num_key_value_groups, dim=1)
@@ -675,6 +686,17 @@ class _DeepseekForCausalLMBody:
         return MoECausalLMOutput(loss=loss, logits=logits, past_key_values=None,
                                  hidden_states=outputs.hidden_states, attentions=None,
                                  aux_loss=outputs.aux_loss, lm_loss=lm_loss)
+
+    def forward_with_head(self, input_ids, head_fn):
+        """The body (embedding, layers, final norm), then `head_fn(hidden_states_BSD, lm_head)`, in one
+        call; returns (head_fn's result, the balance loss or None).
+
+        For a trainer that computes its loss straight from the final hidden states, e.g. the
+        cross-entropy a chunk of positions at a time, never holding the full float32 logits. The
+        lm_head is used inside this call so that a wrapper hooking the model's forward methods (FSDP
+        gathering the parameters) sees it used."""
+        outputs = self.model(input_ids=input_ids, return_dict=True)
+        return head_fn(outputs.last_hidden_state, self.lm_head), outputs.aux_loss
 
     def head_logits(self, hidden_states_BSD):
         """Final norm and lm_head, float32 logits: the piece the last pipeline stage runs."""

@@ -9,7 +9,11 @@
 * each MoE layer's experts are merged into stacked parameters (`gate_up_proj_E2FD`: gate and up
   of every expert, `down_proj_EDF`) computed by permute -> grouped GEMM -> unpermute
   (`moe_utils.py`);
-* attention runs through `scaled_dot_product_attention`, or flash-attn when it is installed.
+* attention runs through `scaled_dot_product_attention` (PyTorch's choice of kernel, or one kernel
+  forced: `ATTENTION_BACKENDS`), or flash-attn when it is installed.
+
+`compile_layers(layers, scope)` optionally compiles the decoder layers (or only their RMSNorm and
+rotary embedding) with `torch.compile`, for speed on GPUs.
 
 Outputs equal the reference's to float tolerance, forward and backward. `merge_experts` and
 `split_experts` convert state dicts between the Hugging Face per-expert names and the merged names,
@@ -30,11 +34,14 @@ from . import moe_utils
 from .modeling_deepseek import (
     DeepseekAttention,
     DeepseekMoE,
+    DeepseekRMSNorm,
     DeepseekV2Attention,
+    apply_rotary_pos_emb,
     causal_attention_mask,
     eager_attention,
     gate_scores,
     load_balance_loss,
+    rms_norm,
     scale_topk_weights,
     select_topk_experts,
 )
@@ -269,11 +276,101 @@ def flash_attention(query, key, value, padding_mask, softmax_scale, dropout_p, t
     return out[..., :v_dim].transpose(1, 2)
 
 
-ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash": flash_attention}
+def _sdpa_forced(backend, pad_value=False):
+    """scaled_dot_product_attention restricted to one kernel (causal, no padding mask; with a padding
+    mask the plain sdpa path runs). PyTorch's automatic choice can be a slower kernel than the best
+    eligible one, and MLA's value head (128) narrower than its query/key head (192) rules out its
+    flash kernel; with pad_value the values are zero-padded to the query width (the padded output
+    columns are zero and sliced off), which makes flash eligible at the price of a wider P.V
+    product. A kernel that cannot run these inputs raises (PyTorch's warnings say why): nothing
+    falls back silently to another kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kernel = getattr(SDPBackend, backend)
+
+    def attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
+        if padding_mask is not None:
+            return sdpa_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training)
+        v_dim = value.shape[-1]
+        if pad_value and v_dim < query.shape[-1]:
+            value = F.pad(value, (0, query.shape[-1] - v_dim))
+        with sdpa_kernel([kernel]):
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p if training else 0.0,
+                                                 is_causal=True, scale=softmax_scale)
+        return out[..., :v_dim] if out.shape[-1] != v_dim else out
+
+    attention.__name__ = f"sdpa_{backend.lower()}" + ("_padded" if pad_value else "")
+    return attention
+
+
+sdpa_flash_padded_attention = _sdpa_forced("FLASH_ATTENTION", pad_value=True)
+sdpa_efficient_attention = _sdpa_forced("EFFICIENT_ATTENTION")
+sdpa_cudnn_attention = _sdpa_forced("CUDNN_ATTENTION")
+
+# name -> kernel; "sdpa" lets PyTorch choose among the kernels eligible for the inputs, the
+# sdpa_* ones force one (efficient and cudnn need CUDA; flash_padded runs on CPUs too).
+ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash": flash_attention,
+                      "sdpa_flash_padded": sdpa_flash_padded_attention,
+                      "sdpa_efficient": sdpa_efficient_attention, "sdpa_cudnn": sdpa_cudnn_attention}
 
 
 def default_attention_backend():
     return "flash" if flash_attn_func is not None else "sdpa"
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile of the decoder layers
+# ----------------------------------------------------------------------------------------------
+# none: eager. norm_rope: only the RMSNorm and the rotary embedding, each one fused kernel (the
+# memory-bound float32 statistics and the rotate/concatenate of RoPE are several eager kernels).
+# layer: each decoder layer's forward as one compiled region (norms, RoPE, attention glue,
+# residuals, the router's surroundings and the routed experts' permute/unpermute fused with their
+# neighbours). layer_eager_experts: the same with the routed-expert block left out (a graph
+# break): bench/moe_block.py found that block slower compiled whole than with its own fused
+# kernels (bench/RESULTS.md, "whole").
+COMPILE_SCOPES = ("none", "norm_rope", "layer", "layer_eager_experts")
+_COMPILED_FUNCTIONS = {}
+
+
+def _compiled(fn, backend):
+    """One compiled wrapper per (function, backend), shared by all modules: compiled code is reused
+    for every call with the same shapes and dtypes, whichever layer makes it."""
+    key = (fn, backend)
+    if key not in _COMPILED_FUNCTIONS:
+        _COMPILED_FUNCTIONS[key] = torch.compile(fn, backend=backend, dynamic=False)
+    return _COMPILED_FUNCTIONS[key]
+
+
+def compile_layers(layers, scope, backend="inductor", norms=()):
+    """Compiles `layers` (decoder layers of a training-form model) in place for `scope`
+    (COMPILE_SCOPES); `norms` are further RMSNorm modules to fuse under "norm_rope" (the final norm).
+
+    Only `forward` is compiled, never the module call, so hooks that a runtime adds afterwards
+    (FSDP's parameter gathering, activation checkpointing) stay eager around the compiled code, and
+    the parameter names do not change. Shapes are static (one compile per micro-batch shape; the
+    recompile limit is raised to leave room for every layer). The compile itself happens at the
+    first call. torch._grouped_mm's compile-time kernel accepts only bfloat16, so compiling MoE
+    layers needs a bf16 model."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope {scope!r}: choose one of {COMPILE_SCOPES}")
+    if scope == "none":
+        return
+    layers = list(layers)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 8 * len(layers) + 8)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 64 * len(layers) + 256)
+    if scope == "norm_rope":
+        norm_fn, rotary_fn = _compiled(rms_norm, backend), _compiled(apply_rotary_pos_emb, backend)
+        for module in [m for layer in layers for m in layer.modules()] + list(norms):
+            if isinstance(module, DeepseekRMSNorm):
+                module.norm_fn = norm_fn
+            if isinstance(module, (DeepseekV2Attention, DeepseekAttention)):
+                module.rotary_fn = rotary_fn
+        return
+    for layer in layers:
+        if scope == "layer_eager_experts" and isinstance(layer.mlp, MoEBlock):
+            experts = layer.mlp.experts
+            experts.forward = torch.compiler.disable(experts.forward)
+        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,12 +379,16 @@ def default_attention_backend():
 def apply_training_form(model, attention=None, grouped_mm_backend="torch"):
     """Rewrites `model` in place into the training form and returns it.
 
-    attention: "sdpa" (default without flash-attn), "flash" (default with it) or "eager".
+    attention: "sdpa" (default without flash-attn), "flash" (default with it), "eager", or an SDPA
+    kernel forced: "sdpa_flash_padded", "sdpa_efficient", "sdpa_cudnn" (see _sdpa_forced).
     grouped_mm_backend: "torch" (torch._grouped_mm, no host synchronisation) or "grouped_gemm".
     """
     attention = attention or default_attention_backend()
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {attention!r}: choose one of {sorted(ATTENTION_BACKENDS)}")
+    if attention == "flash" and flash_attn_func is None:
+        raise ValueError("attention backend 'flash' needs the flash-attn package, which is not installed; "
+                         "use sdpa or sdpa_flash_padded (PyTorch's own flash kernel)")
     if grouped_mm_backend not in moe_utils.GROUPED_MM_BACKENDS:
         raise ValueError(f"grouped_mm_backend {grouped_mm_backend!r}: choose one of {moe_utils.GROUPED_MM_BACKENDS}")
     if is_training_form(model):
@@ -303,7 +404,8 @@ def apply_training_form(model, attention=None, grouped_mm_backend="torch"):
 
 def is_training_form(model):
     return any(isinstance(m, MoEBlock) for m in model.modules()) or any(
-        getattr(layer.self_attn, "attention_fn", None) in (sdpa_attention, flash_attention)
+        getattr(layer.self_attn, "attention_fn", None) in
+        [fn for name, fn in ATTENTION_BACKENDS.items() if name != "eager"]
         for layer in model.model.layers)
 
 

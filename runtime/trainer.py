@@ -9,8 +9,14 @@ The objective of a step, whatever the plan: J = sum over the global batch's micr
 CE_sum(mb) / TOKENS + aux(mb) / MICROBATCHES, where TOKENS counts the predicted tokens of the whole
 global batch. Each rank backpropagates its share and gradients are summed across data-parallel
 ranks, so every plan computes the gradient of the same J as a single process does.
+
+The speed options of RunArgs (attention kernel, torch.compile of the decoder layers, the
+cross-entropy in chunks from the hidden states, fused AdamW, one gradient reduction per step) change
+how a step computes J, not what: each follows the plain path to float rounding
+(tests/test_speed_options.py); bench/train_step.py measures what each gains.
 """
 
+import functools
 import json
 import math
 import os
@@ -56,6 +62,13 @@ class RunArgs:
     tokenizer_path: Optional[str] = None  # tokenizer files to ship with checkpoints (default: --model_id's)
     keep_last: Optional[int] = None     # committed checkpoints to keep
     resume_path: Optional[str] = None   # a checkpoint directory, or "last"
+    # ---- speed options (bench/train_step.py measures each); the defaults keep the plain path ----
+    attention: Optional[str] = None     # attention kernel (ATTENTION_BACKENDS; default: flash-attn if installed, else sdpa)
+    compile: str = "none"               # torch.compile scope of the decoder layers (COMPILE_SCOPES); needs bf16
+    compile_backend: str = "inductor"   # torch.compile backend ("aot_eager" for CPU tests)
+    ce_chunk_tokens: int = 0            # >0: cross-entropy from the hidden states this many positions at a time
+    fused_adamw: bool = False           # AdamW's fused kernel instead of its multi-tensor (foreach) one
+    defer_grad_sync: bool = False       # ZeRO 0: reduce gradients once per step, not after every micro-batch
 
 
 # ---- checks before any heavy work --------------------------------------------------------------------
@@ -102,12 +115,42 @@ def check_run(args: RunArgs, plan: Plan, plan_path, world_size):
     if world_size != runtime:
         raise RunError(f"{world_size} processes were started but --runtime_ngpus is {runtime}; start "
                        f"`torchrun --nproc_per_node {runtime}` or change --runtime_ngpus")
+    check_speed_options(args, plan, plan_path)
     for flag, value, planned in (("--micro_batch_size", args.micro_batch_size, plan.search_inputs["micro_batch_size"]),
                                  ("--global_batch_size", args.global_batch_size,
                                   plan.search_inputs["global_batch_size"])):
         if value is not None and value != planned:
             raise RunError(f"{flag} {value} differs from the {planned} the plan {plan_path} was compiled for; "
                            "recompile the plan with the new value")
+
+
+def compute_dtype_name(args: RunArgs):
+    return args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+
+
+def check_speed_options(args: RunArgs, plan: Plan, plan_path):
+    """The speed options against the plan and the compute dtype, before any heavy work."""
+    from modeling.modeling_deepseek_modifier import ATTENTION_BACKENDS, COMPILE_SCOPES, flash_attn_func
+    if args.attention is not None and args.attention not in ATTENTION_BACKENDS:
+        raise RunError(f"--attention {args.attention}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if args.attention == "flash" and flash_attn_func is None:
+        raise RunError("--attention flash needs the flash-attn package, which is not installed; use "
+                       "--attention sdpa_flash_padded (PyTorch's own flash kernel) or sdpa")
+    if args.compile not in COMPILE_SCOPES:
+        raise RunError(f"--compile {args.compile}: choose one of {', '.join(COMPILE_SCOPES)}")
+    if args.compile != "none" and compute_dtype_name(args) != "bf16":
+        raise RunError(f"--compile {args.compile} needs bf16 compute (torch._grouped_mm compiles only for "
+                       f"bfloat16) but the compute dtype is {compute_dtype_name(args)}; pass --dtype bf16 or "
+                       "leave --compile at none (the default; on a CPU compiling rarely pays off)")
+    if args.ce_chunk_tokens < 0:
+        raise RunError(f"--ce_chunk_tokens must be 0 (plain loss) or positive, got {args.ce_chunk_tokens}")
+    if args.ce_chunk_tokens and plan.mesh["pp"] > 1:
+        raise RunError(f"--ce_chunk_tokens applies to plans without pipeline stages; {plan_path} has "
+                       f"{plan.mesh['pp']} (its last stage computes the loss from full logits); drop the flag")
+    if args.defer_grad_sync and (plan.mesh["pp"] > 1 or plan.zero["level"] != 0):
+        raise RunError(f"--defer_grad_sync needs a plan with ZeRO 0 and no pipeline stages ({plan_path} has ZeRO "
+                       f"{plan.zero['level']}, pp {plan.mesh['pp']}): under ZeRO 2 / 3 each rank would hold "
+                       "unsharded float32 gradients; drop the flag")
 
 
 # ---- model --------------------------------------------------------------------------------------------
@@ -119,7 +162,7 @@ def build_training_model(args: RunArgs, config, run_mesh, device):
     from modeling import build_model
     from modeling.modeling_deepseek_modifier import apply_training_form, has_hf_weights
     from runtime.weights import CheckpointReader, materialize
-    model = apply_training_form(build_model(config, device="meta", dtype=torch.float32))
+    model = apply_training_form(build_model(config, device="meta", dtype=torch.float32), attention=args.attention)
     if run_mesh.sizes["tp"] > 1:
         from runtime.tensor_parallel import apply_tensor_parallel
         apply_tensor_parallel(model, run_mesh.mesh["tp"])
@@ -204,6 +247,7 @@ def grad_norm_and_clip(params, max_norm, run_mesh, expert_params):
     device = next(iter(params)).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     by_group = {}
+    local_grads = []
     for p in params:
         if p.grad is None:
             continue
@@ -214,10 +258,13 @@ def grad_norm_and_clip(params, max_norm, run_mesh, expert_params):
             g = g.to_local()
         if id(p) in expert_params:
             groups.append(run_mesh.group("ep"))
-        key = tuple(groups)
-        by_group.setdefault(key, [groups, torch.zeros((), dtype=torch.float64, device=device)])
-        by_group[key][1] += g.detach().double().pow(2).sum()
-    for groups, sq in by_group.values():
+        g = g.detach()
+        local_grads.append(g)
+        by_group.setdefault(tuple(groups), [groups, []])[1].append(g)
+    for groups, grads in by_group.values():
+        # one multi-tensor pass per group (per-tensor norms in the gradients' dtype; their squares
+        # summed in float64), not one float64 copy of every gradient
+        sq = torch.stack([n.double() for n in torch._foreach_norm(grads)]).pow(2).sum()
         for group in groups:
             dist.all_reduce(sq, group=group)
         total += sq
@@ -225,10 +272,8 @@ def grad_norm_and_clip(params, max_norm, run_mesh, expert_params):
         dist.all_reduce(total, group=run_mesh.group("pp"))
     norm = total.sqrt()
     scale = min(1.0, max_norm / (norm.item() + 1e-6))
-    if scale < 1.0:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+    if scale < 1.0 and local_grads:
+        torch._foreach_mul_(local_grads, scale)
     return norm.item()
 
 
@@ -236,6 +281,24 @@ def grad_norm_and_clip(params, max_norm, run_mesh, expert_params):
 def lm_loss_sum(logits, input_ids):
     V = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), input_ids[:, 1:].reshape(-1), reduction="sum")
+
+
+def chunked_head_loss(hidden_BSD, lm_head, input_ids, chunk_tokens):
+    """lm_loss_sum's value from the final hidden states, never holding the full logits (runtime/loss.py);
+    the head_fn of the model's forward_with_head."""
+    from runtime.loss import chunked_lm_loss_sum
+    return chunked_lm_loss_sum(hidden_BSD, lm_head, input_ids, chunk_tokens)
+
+
+def defer_grad_sync(model, last_microbatch):
+    """Gradient accumulation without a reduction per micro-batch (plans with ZeRO 0): FSDP keeps each
+    rank's gradients unreduced, accumulated in float32, and the bf16 compute copies of the weights
+    gathered, until the last micro-batch of the step, whose backward reduces once. A no-op for a
+    model FSDP does not wrap (one data rank computing in fp32)."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last_microbatch)
+        model.set_reshard_after_backward(last_microbatch)
 
 
 class MetricsLog:
@@ -277,6 +340,7 @@ class NonFiniteError(RuntimeError):
 def train(args: RunArgs):
     """Runs the training; returns the list of per-step records (on every rank)."""
     from modeling import load_config
+    from modeling.modeling_deepseek_modifier import compile_layers
 
     world = dist.get_world_size()
     rank = dist.get_rank()
@@ -290,7 +354,7 @@ def train(args: RunArgs):
     data = GlobalBatches(rows, global_batch, args.seed)
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
-    dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    dtype_name = compute_dtype_name(args)
     compute_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     run_mesh = build_mesh(plan, device.type)
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -310,6 +374,8 @@ def train(args: RunArgs):
 
         def wrap_stage(stage_module):
             layers = list(stage_module.model.layers.values())
+            norms = [stage_module.model.norm] if stage_module.model.norm is not None else []
+            compile_layers(layers, args.compile, args.compile_backend, norms)
             apply_recompute(layers, plan.stages[pp_rank].recompute)
             apply_data_parallel([(stage_module, layers)], plan, run_mesh, mp_policy)
             return stage_module
@@ -322,8 +388,13 @@ def train(args: RunArgs):
         model = None  # the stages hold what this rank needs; let the rest go
     else:
         layers = list(model.model.layers)
+        compile_layers(layers, args.compile, args.compile_backend, [model.model.norm])
         apply_recompute(layers, plan.stages[0].recompute)
         apply_data_parallel([(model, layers)], plan, run_mesh, mp_policy)
+        if args.ce_chunk_tokens:
+            # the loss is computed inside this method: FSDP must gather the parameters for it as for forward
+            from torch.distributed.fsdp import register_fsdp_forward_method
+            register_fsdp_forward_method(model, "forward_with_head")
 
     # the modules this rank trains (parameters looked up after FSDP has replaced their objects)
     holders = pipeline.stage_modules if pipeline is not None else [model]
@@ -362,6 +433,9 @@ def train(args: RunArgs):
 
     for step in range(start_step, args.max_steps):
         started = time.perf_counter()
+        if device.type == "cuda":  # the device's own clock too, for benchmarks
+            step_events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            step_events[0].record()
         batch = data.batch(step)
         local = GlobalBatches.local_slice(batch, data_rank, data_ranks).to(device)
         ce_local = torch.zeros((), dtype=torch.float64, device=device)
@@ -372,12 +446,21 @@ def train(args: RunArgs):
             ce_local += 0.0 if ce is None else float(ce)
             aux_local += float(pipeline_aux_loss(pipeline.stage_modules))
         else:
-            for mb in local.split(micro):
-                out = model(input_ids=mb)
-                ce = lm_loss_sum(out.logits, mb) / tokens_per_step
+            micro_batches = local.split(micro)
+            for i, mb in enumerate(micro_batches):
+                if args.defer_grad_sync:
+                    defer_grad_sync(model, last_microbatch=(i == len(micro_batches) - 1))
+                if args.ce_chunk_tokens:
+                    ce_sum, aux_loss = model.forward_with_head(
+                        mb, functools.partial(chunked_head_loss, input_ids=mb, chunk_tokens=args.ce_chunk_tokens))
+                else:
+                    out = model(input_ids=mb)
+                    ce_sum, aux_loss = lm_loss_sum(out.logits, mb), out.aux_loss
+                    del out  # its float32 logits: autograd keeps only what the backward needs
+                ce = ce_sum / tokens_per_step
                 loss = ce
-                if out.aux_loss is not None:
-                    aux = out.aux_loss / microbatches_total
+                if aux_loss is not None:
+                    aux = aux_loss / microbatches_total
                     loss = loss + aux
                     aux_local += aux.detach().double()
                 loss.backward()
@@ -396,6 +479,7 @@ def train(args: RunArgs):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if device.type == "cuda":
+            step_events[1].record()
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started
         tokens = global_batch * seq_len
@@ -404,6 +488,8 @@ def train(args: RunArgs):
                   "peak_memory_gib": _peak_memory_gib(device),
                   "tokens_per_s": tokens / elapsed,
                   "mfu": flops_per_step / (elapsed * world * peak) if peak and flops_per_step else 0.0}
+        if device.type == "cuda":
+            record["step_time_cuda_s"] = step_events[0].elapsed_time(step_events[1]) / 1e3
         records.append(record)
         metrics.log(record)
         periodic = args.save_every and (step + 1) % args.save_every == 0
@@ -473,8 +559,10 @@ def _adamw(params, args):
     for p in params:
         key = id(p.device_mesh) if isinstance(p, DTensor) else None
         groups.setdefault(key, []).append(p)
+    # fused: one kernel per parameter chunk instead of the multi-tensor path's several passes over the
+    # fp32 state (the optimizer step reads and writes 16 bytes of state per parameter)
     return torch.optim.AdamW([{"params": g} for g in groups.values()], lr=args.lr, betas=(0.9, 0.95),
-                             weight_decay=args.weight_decay, eps=1e-8)
+                             weight_decay=args.weight_decay, eps=1e-8, fused=True if args.fused_adamw else None)
 
 
 def _peak_flops(plan):

@@ -1,0 +1,95 @@
+"""The language-model loss from the final hidden states, a chunk of positions at a time.
+
+The plain loss (`runtime.trainer.lm_loss_sum`) takes the logits of the whole micro-batch: with
+DeepSeek's 102400-token vocabulary, a micro-batch of 4 x 2048 positions has 3.4 GB of float32
+logits, and autograd keeps the float32 log-softmax and builds float32 and bf16 gradients of the
+same size, several times the memory of a decoder layer's activations.
+
+`chunked_lm_loss_sum(hidden, lm_head, input_ids, chunk_tokens)` returns the same summed next-token
+cross-entropy without ever holding more than one chunk's logits: for each chunk of positions it
+computes the logits (in the compute dtype, as lm_head does), takes the cross-entropy with float32
+statistics and, in the same pass, the gradient of the summed loss with respect to the chunk's
+logits (softmax - one-hot), which it turns at once into the chunk's hidden-state gradient and adds
+to the lm_head weight gradient (float32 accumulation over chunks); then the chunk's logits are
+freed. The backward only scales the two stored gradients by the incoming gradient. On CUDA the
+softmax, loss and gradient are one compiled reduction + elementwise pass over the bf16 logits
+(the plain path makes several passes over float32 copies). The work is the plain
+path's (one GEMM forward, two backward per chunk); only the grouping and the order of a few float
+operations differ, so the loss and gradients equal the plain path's up to float rounding.
+"""
+
+import torch
+
+from modeling.moe_utils import _compiled_on_cuda
+
+IGNORE_INDEX = -100
+
+
+@_compiled_on_cuda
+def _cross_entropy_and_grad(logits_nV, targets_n):
+    """(summed cross-entropy of the rows whose target is not IGNORE_INDEX, float32;
+    d(that sum)/d logits = softmax - one-hot, zero on ignored rows, in the logits' dtype).
+
+    The statistics are taken in float32 whatever the logits' dtype. On CUDA this is compiled into a
+    reduction and one elementwise pass over the (bf16) logits, so no float32 copy of the chunk's
+    logits is written; elsewhere it runs as written."""
+    logits = logits_nV.float()
+    keep_n = targets_n != IGNORE_INDEX
+    safe_n1 = torch.where(keep_n, targets_n, 0).unsqueeze(1)
+    lse_n = torch.logsumexp(logits, dim=-1)
+    loss = torch.where(keep_n, lse_n - logits.gather(1, safe_n1).squeeze(1), 0.0).sum()
+    # an ignored row's softmax is exp(x - inf) = 0, and it gets no one-hot
+    probs = torch.exp(logits - torch.where(keep_n, lse_n, float("inf")).unsqueeze(1))
+    is_target = torch.arange(logits.shape[1], device=logits.device) == torch.where(keep_n, targets_n, -1).unsqueeze(1)
+    return loss, torch.where(is_target, probs - 1.0, probs).to(logits_nV.dtype)
+
+
+class _ChunkedLinearCrossEntropySum(torch.autograd.Function):
+    """sum_n CE(hidden_ND[n] @ weight_VD.T, targets_N[n]) over rows whose target is not IGNORE_INDEX."""
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, targets_N, chunk_rows):
+        N = hidden_ND.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
+        grad_hidden_ND = torch.empty_like(hidden_ND)
+        grad_weight_VD = None
+        starts = range(0, N, chunk_rows)
+        for start in starts:
+            h_nD = hidden_ND[start:start + chunk_rows]
+            loss, grad_nV = _cross_entropy_and_grad(h_nD @ weight_VD.t(), targets_N[start:start + chunk_rows])
+            total += loss
+            # grad_nV is in the compute dtype, as the plain path's lm_head backward GEMMs see it
+            grad_hidden_ND[start:start + chunk_rows] = grad_nV @ weight_VD
+            part_VD = grad_nV.t() @ h_nD
+            if len(starts) == 1:
+                grad_weight_VD = part_VD
+            elif grad_weight_VD is None:
+                grad_weight_VD = part_VD.float()  # float32 accumulation over the chunks
+            else:
+                grad_weight_VD += part_VD
+            del grad_nV, part_VD
+        ctx.save_for_backward(grad_hidden_ND, grad_weight_VD)
+        ctx.weight_dtype = weight_VD.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden_ND, grad_weight_VD = ctx.saved_tensors
+        grad_hidden = (grad_hidden_ND * grad_total).to(grad_hidden_ND.dtype)
+        grad_weight = (grad_weight_VD * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_lm_loss_sum(hidden_BSD, lm_head, input_ids_BS, chunk_tokens):
+    """Summed next-token cross-entropy of a micro-batch (position s predicts token s + 1; the last
+    position predicts nothing), float32, computed `chunk_tokens` positions at a time from the final
+    (normed) hidden states and lm_head (an nn.Linear without bias, or its weight)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    weight_VD = lm_head.weight if hasattr(lm_head, "weight") else lm_head
+    if getattr(lm_head, "bias", None) is not None:
+        raise ValueError("chunked_lm_loss_sum: lm_head has a bias, which this loss does not add")
+    D = hidden_BSD.shape[-1]
+    hidden_ND = hidden_BSD[:, :-1].reshape(-1, D)
+    targets_N = input_ids_BS[:, 1:].reshape(-1)
+    return _ChunkedLinearCrossEntropySum.apply(hidden_ND, weight_VD, targets_N, int(chunk_tokens))

@@ -1,0 +1,318 @@
+"""The speed options of the training step compute what the plain path computes (on the CPU; their
+speed needs a GPU, bench/train_step.py): the chunked cross-entropy, the forced attention kernels,
+torch.compile of the layers, deferred gradient reduction, fused AdamW, and their checks."""
+
+import copy
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling import build_model, load_config
+from modeling.modeling_deepseek_modifier import (
+    ATTENTION_BACKENDS,
+    COMPILE_SCOPES,
+    apply_training_form,
+    compile_layers,
+    flash_attn_func,
+)
+from runtime.loss import chunked_lm_loss_sum
+from runtime.trainer import RunArgs, RunError, check_speed_options, chunked_head_loss, lm_loss_sum
+from tests.runtime_harness import REPO, gather_parameters, losses, make_plan, run_plan
+
+CONFIGS = os.path.join(REPO, "configs")
+
+
+def _config(name="tiny-deepseek-v2"):
+    return load_config(os.path.join(CONFIGS, name))
+
+
+def _ids(config, batch=3, seq=40, seed=0):
+    return torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+# ---- chunked cross-entropy --------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 7, 39, 64, 10_000])
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
+    """float32 tiny DeepSeek-V2: the loss from hidden states in chunks (a chunk size that divides the
+    positions, one that does not, one chunk, one row per chunk) against lm_loss_sum over full logits,
+    and every parameter's gradient."""
+    config = _config()
+    plain = apply_training_form(build_model(config, seed=0)).train()
+    chunked = copy.deepcopy(plain)
+    ids = _ids(config)
+    out = plain(input_ids=ids)
+    plain_loss = lm_loss_sum(out.logits, ids) / 100 + out.aux_loss
+    plain_loss.backward()
+    ce_sum, aux = chunked.forward_with_head(ids, lambda h, head: chunked_head_loss(h, head, ids, chunk))
+    chunked_loss = ce_sum / 100 + aux
+    chunked_loss.backward()
+    assert abs(chunked_loss.item() - plain_loss.item()) <= 1e-6 * abs(plain_loss.item())
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        assert _rel(q.grad, p.grad) < 1e-5, (name, _rel(q.grad, p.grad))
+
+
+def test_chunked_loss_ignores_minus_100_like_cross_entropy():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9), generator=g)
+    targets[0, 3] = targets[1, 8] = -100
+    loss = chunked_lm_loss_sum(hidden, weight, targets, 4)
+    loss.backward()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h2[:, :-1] @ w2.t()).reshape(-1, 50), targets[:, 1:].reshape(-1), reduction="sum",
+                          ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(hidden.grad, h2.grad)
+    torch.testing.assert_close(weight.grad, w2.grad)
+    with pytest.raises(ValueError, match="chunk_tokens must be positive"):
+        chunked_lm_loss_sum(hidden, weight, targets, 0)
+
+
+def test_chunked_loss_in_bf16_stays_within_rounding_of_the_float32_loss():
+    config = _config()
+    model32 = apply_training_form(build_model(config, seed=0)).train()
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    ids = _ids(config)
+    ref = lm_loss_sum(model32(input_ids=ids).logits, ids)
+    got, _ = model16.forward_with_head(ids, lambda h, head: chunked_head_loss(h, head, ids, 16))
+    assert got.dtype == torch.float32
+    assert abs(got.item() - ref.item()) < 1e-2 * abs(ref.item())
+
+
+# ---- attention kernels ---------------------------------------------------------------------------------------
+CUDA_ONLY = {"sdpa_efficient": "PyTorch's memory-efficient SDPA kernel has no CPU implementation",
+             "sdpa_cudnn": "the cuDNN SDPA kernel needs CUDA"}
+
+
+@pytest.mark.parametrize("name", ["tiny-deepseek-v2", "tiny-deepseek-moe"])
+@pytest.mark.parametrize("backend", sorted(ATTENTION_BACKENDS))
+def test_attention_backend_equals_sdpa(name, backend):
+    """Each backend's model output and gradients equal sdpa's (MLA's 24/16 q-k/v heads on
+    tiny-deepseek-v2, equal heads on tiny-deepseek-moe). A kernel that cannot run here must raise,
+    not fall back silently to another one."""
+    config = _config(name)
+    reference = apply_training_form(build_model(config, seed=0), attention="sdpa").train()
+    if backend == "flash" and flash_attn_func is None:
+        with pytest.raises(ValueError, match="flash-attn package"):
+            apply_training_form(build_model(config, device="meta"), attention="flash")
+        pytest.skip("flash-attn is not installed (it needs CUDA); the refusal was checked instead")
+    model = apply_training_form(build_model(config, seed=0), attention=backend).train()
+    model.load_state_dict(reference.state_dict())
+    ids = _ids(config, batch=2, seq=32)
+    if backend in CUDA_ONLY:
+        with pytest.raises(RuntimeError):
+            model(input_ids=ids)
+        pytest.skip(CUDA_ONLY[backend] + "; checked that it raises instead of falling back")
+    ref_out = reference(input_ids=ids, labels=ids)
+    out = model(input_ids=ids, labels=ids)
+    assert _rel(out.logits, ref_out.logits) < 1e-5
+    ref_out.loss.backward()
+    out.loss.backward()
+    for (n, p), q in zip(reference.named_parameters(), model.parameters()):
+        assert _rel(q.grad, p.grad) < 1e-5, n
+
+
+# ---- torch.compile of the layers ---------------------------------------------------------------------------
+def _graphs():
+    from torch._dynamo.utils import counters
+    return sum(counters["stats"].get(k, 0) for k in ("unique_graphs",))
+
+
+@pytest.mark.parametrize("scope", [s for s in COMPILE_SCOPES if s != "none"])
+def test_compiled_layers_equal_eager(scope):
+    """bf16 (torch._grouped_mm compiles only for bf16), the aot_eager backend (the graphs torch.compile
+    captures, run with eager kernels: no code generation on a CPU): forward and backward through
+    the captured graphs equal eager, and graphs were really captured."""
+    torch._dynamo.reset()
+    config = _config()
+    eager = apply_training_form(build_model(config, seed=0, dtype=torch.bfloat16)).train()
+    compiled = copy.deepcopy(eager)
+    compile_layers(compiled.model.layers, scope, backend="aot_eager", norms=[compiled.model.norm])
+    ids = _ids(config, batch=2, seq=32)
+    before = _graphs()
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    captured = _graphs() - before
+    ref = eager(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    if scope == "norm_rope":
+        assert captured >= 2  # the norm and the rotary embedding
+    elif scope == "layer":
+        assert captured >= 2  # the dense and the MoE layer
+    else:
+        assert captured >= 3  # the dense layer, the MoE layer before and after its eager experts
+    assert _rel(out.logits, ref.logits) < 1e-2 and abs(out.loss.item() - ref.loss.item()) < 1e-2
+    for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert _rel(q.grad, p.grad) < 3e-2, n
+    names = [n for n, _ in compiled.named_parameters()]
+    assert names == [n for n, _ in eager.named_parameters()]  # checkpoint names unchanged
+    torch._dynamo.reset()
+
+
+def test_compile_layers_refuses_an_unknown_scope():
+    model = apply_training_form(build_model(_config(), device="meta"))
+    with pytest.raises(ValueError, match="compile scope"):
+        compile_layers(model.model.layers, "everything")
+
+
+# ---- the options in the trainer -------------------------------------------------------------------------------
+def _plan(config, **kw):
+    return make_plan(config, os.path.join(CONFIGS, "tiny-deepseek-v2"), seq_len=32, **kw)
+
+
+@pytest.mark.parametrize("options,plan_kw,message", [
+    ({"compile": "layer"}, {}, "needs bf16 compute"),
+    ({"compile": "all"}, {}, "--compile all: choose one of"),
+    ({"attention": "magic"}, {}, "--attention magic: choose one of"),
+    ({"ce_chunk_tokens": 64}, {"pp": 2}, "--ce_chunk_tokens applies to plans without pipeline stages"),
+    ({"ce_chunk_tokens": -1}, {}, "must be 0"),
+    ({"defer_grad_sync": True}, {"dp": 2, "zero": 3}, "--defer_grad_sync needs a plan with ZeRO 0"),
+    ({"defer_grad_sync": True}, {"pp": 2}, "--defer_grad_sync needs a plan with ZeRO 0 and no pipeline"),
+])
+def test_speed_options_are_checked_before_any_work(options, plan_kw, message):
+    args = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1, device="cpu", **options)
+    with pytest.raises(RunError, match=re.escape(message)):
+        check_speed_options(args, _plan(_config(), **plan_kw), "p.json")
+    ok = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1, device="cpu", dtype="bf16",
+                 compile="layer", ce_chunk_tokens=64, defer_grad_sync=True, attention="sdpa_flash_padded")
+    check_speed_options(ok, _plan(_config()), "p.json")
+
+
+def test_train_py_choices_are_the_modules_choices():
+    import train
+    actions = {a.dest: a for a in train.build_parser()._actions}
+    assert set(actions["attention"].choices) == set(ATTENTION_BACKENDS)
+    assert set(actions["compile"].choices) == set(COMPILE_SCOPES)
+
+
+def test_train_py_refuses_compile_in_fp32_on_cpu(tmp_path):
+    plan = _plan(_config())
+    plan.save(str(tmp_path / "p.json"))
+    r = subprocess.run([sys.executable, "train.py", "--device", "cpu", "--max_steps", "1", "--model_id",
+                        os.path.join(CONFIGS, "tiny-deepseek-v2"), "--plan", str(tmp_path / "p.json"),
+                        "--runtime_ngpus", "1", "--compile", "layer", "--dataset_path", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "needs bf16 compute" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fused_adamw_flag_reaches_the_optimizer():
+    from runtime.trainer import _adamw
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    base = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1)
+    assert not _adamw(params, base).defaults["fused"]
+    fused = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1, fused_adamw=True)
+    assert _adamw(params, fused).defaults["fused"] is True
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    import datasets
+    root = tmp_path_factory.mktemp("speed")
+    ids = torch.randint(0, 512, (32, 32), generator=torch.Generator().manual_seed(0))
+    datasets.Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(str(root / "data"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """One process, fp32, the plain path."""
+    config = _config()
+    return run_plan(_plan(config), 1, os.path.join(CONFIGS, "tiny-deepseek-v2"), str(data / "data"),
+                    str(data / "reference"))
+
+
+@pytest.fixture(scope="module")
+def reference_bf16(data):
+    config = _config()
+    return run_plan(_plan(config), 1, os.path.join(CONFIGS, "tiny-deepseek-v2"), str(data / "data"),
+                    str(data / "reference_bf16"), dtype="bf16")
+
+
+def _same_training(results, ref, plan, loss_tol, param_tol, grad_norm_tol=None):
+    assert len(losses(results)) == 3
+    for got, want in zip(losses(results), losses(ref)):
+        assert abs(got - want) <= loss_tol * abs(want), (losses(results), losses(ref))
+    for got, want in zip(results[0]["records"], ref[0]["records"]):
+        assert abs(got["grad_norm"] - want["grad_norm"]) <= (grad_norm_tol or loss_tol) * want["grad_norm"]
+    params, ref_params = gather_parameters(results, plan), gather_parameters(ref, plan)
+    for name, value in ref_params.items():
+        assert _rel(params[name], value) < param_tol, name
+
+
+@pytest.mark.parametrize("world,plan_kw,options", [
+    (1, {}, {"ce_chunk_tokens": 13}),
+    (1, {}, {"fused_adamw": True}),
+    (2, {"dp": 2}, {"defer_grad_sync": True, "ce_chunk_tokens": 16}),
+    (2, {"ep": 2}, {"ce_chunk_tokens": 16}),
+])
+def test_trainer_options_follow_the_plain_path(data, reference, world, plan_kw, options):
+    """fp32: three optimizer steps with the option equal the single-process plain run (losses and
+    gradient norms within 1e-5, parameters 1e-4)."""
+    plan = _plan(_config(), **plan_kw)
+    results = run_plan(plan, world, os.path.join(CONFIGS, "tiny-deepseek-v2"), str(data / "data"),
+                       str(data / f"run_{world}_{'_'.join(sorted(options))}_{'_'.join(plan_kw)}"), **options)
+    _same_training(results, reference, plan, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    {"compile": "layer", "compile_backend": "aot_eager", "defer_grad_sync": True},
+    {"compile": "layer_eager_experts", "compile_backend": "aot_eager", "ce_chunk_tokens": 16},
+])
+def test_trainer_compiled_bf16_follows_eager_bf16(data, reference_bf16, options):
+    """bf16 on one rank (FSDP mixed precision wraps the model, as on a GPU): compiled layers (under
+    FSDP's hooks), deferred reduction and the chunked loss follow the plain bf16 run."""
+    plan = _plan(_config())
+    results = run_plan(plan, 1, os.path.join(CONFIGS, "tiny-deepseek-v2"), str(data / "data"),
+                       str(data / f"bf16_{'_'.join(sorted(options))}_{options['compile']}"), dtype="bf16",
+                       **options)
+    # bf16 rounding: the chunked loss rounds softmax - one-hot to bf16 before scaling it by 1 / tokens
+    _same_training(results, reference_bf16, plan, 1e-3, 2e-2, grad_norm_tol=1e-2)
+
+
+def test_deferred_sync_reduces_only_after_the_last_micro_batch(monkeypatch):
+    """Under FSDP (bf16 mixed precision on one gloo rank) a deferred micro-batch leaves the reduced
+    gradients untouched; the last one reduces the sum of both micro-batches."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from runtime.mesh import build_mesh
+    from runtime.trainer import apply_data_parallel, defer_grad_sync, free_port
+    # a one-rank gloo group in this process; the variables are restored afterwards (a later
+    # subprocess would otherwise inherit this port)
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo")
+    try:
+        config = _config()
+        plan = _plan(config)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        models = []
+        for deferred in (False, True):
+            model = apply_training_form(build_model(config, seed=0)).train()
+            apply_data_parallel([(model, list(model.model.layers))], plan, build_mesh(plan, "cpu"), mp)
+            models.append(model)
+        ids = _ids(config, batch=4, seq=16)
+        for mb in ids.split(2):
+            models[0](input_ids=mb, labels=mb).loss.backward()
+        defer_grad_sync(models[1], last_microbatch=False)
+        models[1](input_ids=ids[:2], labels=ids[:2]).loss.backward()
+        assert all(p.grad is None for p in models[1].parameters())  # nothing reduced yet
+        defer_grad_sync(models[1], last_microbatch=True)
+        models[1](input_ids=ids[2:], labels=ids[2:]).loss.backward()
+        for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            assert q.grad is not None, n
+            assert _rel(q.grad.full_tensor(), p.grad.full_tensor()) < 1e-2, n
+    finally:
+        dist.destroy_process_group()
