@@ -72,7 +72,9 @@ def build_parser():
     train.add_argument("--resume_path", default=None,
                        help="resume from a checkpoint directory, or `last` for the newest one in --save_dir")
 
-    speed = p.add_argument_group("speed (each measured by bench/train_step.py; the defaults keep the plain path)")
+    speed = p.add_argument_group(
+        "speed (each measured by bench/train_step.py). Given to compile, they are recorded in the plan and costed; "
+        "a run uses the plan's unless it sets its own. Unset everywhere: the plain path")
     speed.add_argument("--attention", default=None,
                        choices=("sdpa", "sdpa_flash_padded", "sdpa_efficient", "sdpa_cudnn", "flash", "eager"),
                        help="attention kernel: sdpa lets PyTorch choose; sdpa_flash_padded forces its flash kernel "
@@ -94,6 +96,12 @@ def build_parser():
     return p
 
 
+def speed_options(args):
+    """The speed flags that change the cost of a step, as a plan records them."""
+    return {"compile": args.compile if args.compile != "none" else None, "ce_chunk_tokens": args.ce_chunk_tokens,
+            "fused_adamw": args.fused_adamw, "defer_grad_sync": args.defer_grad_sync}
+
+
 def run_compile(args):
     from compiler.compile import CompileRequest, compile_plan
     from compiler.plan import summarize
@@ -104,7 +112,7 @@ def run_compile(args):
         seq_len=args.seq_len, micro_batch_size=args.micro_batch_size or 4,
         global_batch_size=args.global_batch_size or 64,
         mem_limit_gib=args.mem_limit_gib, device_profile=args.device_profile, plan_out=args.plan_out,
-        plan_rank=args.plan_rank))
+        plan_rank=args.plan_rank, execution=speed_options(args)))
     print(summarize(plan))
     print(f"plan: {path}  report: {path[:-5]}.md, {path[:-5]}.png")
     return 0

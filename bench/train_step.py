@@ -62,6 +62,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from compiler.cost_model import RESERVED_GIB  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 BASE = {"attention": "sdpa", "compile": "none", "ce_chunk": 0, "adamw": "foreach", "sync": "microbatch",
@@ -173,30 +174,33 @@ class Plans:
         self.args, self.model_id, self.out_dir = args, model_id, out_dir
         self.cache = {}
 
-    def get(self, micro, recompute):
+    def get(self, micro, recompute, execution):
+        """execution: the variant's speed options, which the compiler costs (cost_model.Execution)."""
         from compiler.compile import CompileRequest, compile_plan
-        if (micro, "plan") not in self.cache:
-            path = os.path.join(self.out_dir, "plans", f"plan_mb{micro}.json")
+        tag = "_".join(f"{k}-{v}" for k, v in sorted(execution.items()) if v) or "plain"
+        key = (micro, tag)
+        if key not in self.cache:
+            path = os.path.join(self.out_dir, "plans", f"plan_mb{micro}_{tag}.json")
             plan, _ = compile_plan(CompileRequest(
                 model_id=self.model_id, plan_ngpus=1, runtime_ngpus=1, seq_len=self.args.seq_len,
                 micro_batch_size=micro, global_batch_size=self.args.global_batch_size,
                 mem_limit_gib=self.args.mem_limit_gib, device_profile=self.args.device_profile,
-                plan_out=path, report=False))
-            self.cache[(micro, "plan")] = (plan, path)
-        plan, path = self.cache[(micro, "plan")]
+                plan_out=path, report=False, execution=execution))
+            self.cache[key] = (plan, path)
+        plan, path = self.cache[key]
         if recompute in ("plan", plan.stages[0].recompute):
             return plan, path
-        if (micro, recompute) not in self.cache:
+        if key + (recompute,) not in self.cache:
             forced = self._recosted(plan, recompute)
-            forced_path = os.path.join(self.out_dir, "plans", f"plan_mb{micro}_recompute_{recompute}.json")
+            forced_path = path[:-5] + f"_recompute_{recompute}.json"
             forced.save(forced_path)
-            self.cache[(micro, recompute)] = (forced, forced_path)
-        return self.cache[(micro, recompute)]
+            self.cache[key + (recompute,)] = (forced, forced_path)
+        return self.cache[key + (recompute,)]
 
     def _recosted(self, plan, recompute):
         import copy
         from compiler.compile import _predicted
-        from compiler.cost_model import Candidate, CostModel, model_costs
+        from compiler.cost_model import Candidate, CostModel, Execution, model_costs
         from compiler.profiles import load_profile
         from compiler.trace import build_traced_model, trace_training_step
         from modeling import load_config
@@ -205,7 +209,8 @@ class Plans:
         graph = trace_training_step(build_traced_model(config, torch.bfloat16 if dtype == "bf16" else torch.float32),
                                     plan.search_inputs["micro_batch_size"], plan.search_inputs["seq_len"])
         cost_model = CostModel(model_costs(graph, config), load_profile(self.args.device_profile),
-                               plan.search_inputs["mem_limit_gib"], dtype=dtype)
+                               plan.search_inputs["mem_limit_gib"], dtype=dtype,
+                               execution=Execution.from_dict(plan.execution))
         cand = Candidate(pp=1, dp=1, ep=1, tp=1, zero=plan.zero["level"],
                          zero_over_replicas=plan.zero["shard_over_replicas"], schedule=plan.schedule["name"],
                          splits=(), recompute=(recompute,), micro_batches=plan.schedule["micro_batches"])
@@ -220,7 +225,10 @@ def run_variant(name, settings, args, model_id, data_path, plans, flops_token, o
     from runtime.trainer import RunArgs, train
     micro = settings["micro"] or args.micro_batch_size
     recompute = args.recompute if settings["recompute"] == "plan" and args.recompute else settings["recompute"]
-    plan, plan_path = plans.get(micro, recompute)
+    execution = {"compile": settings["compile"] if settings["compile"] != "none" else None,
+                 "ce_chunk_tokens": settings["ce_chunk"], "fused_adamw": settings["adamw"] == "fused",
+                 "defer_grad_sync": settings["sync"] == "step"}
+    plan, plan_path = plans.get(micro, recompute, execution)
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -253,6 +261,9 @@ def run_variant(name, settings, args, model_id, data_path, plans, flops_token, o
         "peak_memory_gib": max(r["peak_memory_gib"] for r in records),
         "predicted_step_time_s": plan.predicted["step_time_s"],
         "predicted_peak_memory_gib": max(plan.predicted["peak_memory_gib"]),
+        # what max_memory_allocated can see: the plan's peak less its fixed allowance for the CUDA
+        # context and library workspaces (cost_model.RESERVED_GIB), which the allocator never counts
+        "predicted_tensor_memory_gib": max(plan.predicted["peak_memory_gib"]) - RESERVED_GIB,
         "losses": [round(r["loss"], 5) for r in records],
     }
     if cuda:
@@ -314,13 +325,13 @@ def print_row(r):
         print(f"{r['variant'][:60]:60s} FAILED: {r['error']}", flush=True)
         return
     print(f"{r['variant'][:60]:60s} {r['step_time_s']:8.3f} {r['tokens_per_s']:9.0f} {100 * r['mfu']:6.1f} "
-          f"{r['peak_memory_gib']:7.2f} {r['predicted_step_time_s']:8.3f} {r['predicted_peak_memory_gib']:8.2f} "
+          f"{r['peak_memory_gib']:7.2f} {r['predicted_step_time_s']:8.3f} {r['predicted_tensor_memory_gib']:8.2f} "
           f"{r['first_step_s']:7.1f}", flush=True)
 
 
 def markdown(results, base_step):
     out = ["| variant | mb | recompute | step s | tokens/s | MFU % | gain vs base | peak GiB | pred. step s | "
-           "pred. peak GiB | first step s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "pred. tensors GiB | first step s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
             out.append(f"| {r['variant']} | | | failed: {r['error'][:80]} | | | | | | | |")
@@ -328,7 +339,7 @@ def markdown(results, base_step):
         gain = f"{base_step / r['step_time_s']:.2f}x" if base_step else ""
         out.append(f"| {r['variant']} | {r['micro_batch_size']} | {r['recompute']} | {r['step_time_s']:.3f} | "
                    f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f} | {gain} | {r['peak_memory_gib']:.2f} | "
-                   f"{r['predicted_step_time_s']:.3f} | {r['predicted_peak_memory_gib']:.2f} | {r['first_step_s']:.1f} |")
+                   f"{r['predicted_step_time_s']:.3f} | {r['predicted_tensor_memory_gib']:.2f} | {r['first_step_s']:.1f} |")
     return "\n".join(out)
 
 
@@ -398,7 +409,7 @@ def main(argv=None):
     plans = Plans(args, model_id, out_dir)
     results = []
     print(f"\n{'variant':60s} {'step s':>8s} {'tok/s':>9s} {'MFU %':>6s} {'peakGiB':>7s} {'pred s':>8s} "
-          f"{'predGiB':>8s} {'1st s':>7s}", flush=True)
+          f"{'predGiB*':>8s} {'1st s':>7s}", flush=True)
     try:
         for index, (name, settings) in enumerate(variants):
             try:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from compiler.cost_model import CostModel, model_costs
+from compiler.cost_model import CostModel, Execution, model_costs
 from compiler.plan import Plan, PlanError, Stage, default_plan_path, model_fingerprint, model_name_of, summarize
 from compiler.profiles import load_profile
 from compiler.search import explain, search
@@ -39,6 +39,7 @@ class CompileRequest:
     report: bool = True
     compute_dtype: Optional[str] = None   # bf16 (default on GPUs) or fp32 (default for the cpu profile)
     plan_rank: int = 1                    # 1: the best plan; K: the K-th best (to measure runners-up)
+    execution: Optional[dict] = None      # the runtime speed options to cost (see cost_model.Execution)
 
 
 def check_request(req: CompileRequest):
@@ -94,7 +95,9 @@ def compile_plan(req: CompileRequest):
          f"{len(graph.custom_ops())} annotated custom-op calls) in {graph.trace_seconds:.1f} s")
 
     costs = model_costs(graph, config)
-    cost_model = CostModel(costs, profile, mem_limit, runtime_replicas=runtime // req.plan_ngpus, dtype=dtype)
+    execution = {k: v for k, v in (req.execution or {}).items() if v}
+    cost_model = CostModel(costs, profile, mem_limit, runtime_replicas=runtime // req.plan_ngpus, dtype=dtype,
+                           execution=Execution.from_dict(execution))
     _log(f"searching plans for {req.plan_ngpus} devices with the {profile.name} profile, "
          f"{mem_limit:g} GiB per device")
     result = search(cost_model, req.plan_ngpus, runtime, req.global_batch_size, req.micro_batch_size)
@@ -210,6 +213,7 @@ def build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dt
         predicted=_predicted(result.best.prediction),
         alternatives=alternatives,
         explanation=explain(result),
+        execution={k: v for k, v in (req.execution or {}).items() if v},
     )
 
 

@@ -37,6 +37,34 @@ TP_SPLIT = {"attention": True, "norm": False, "dense_mlp": True, "router": False
             "shared_experts": True, "embed": False, "head": False}
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How the runtime will execute the plan's steps (train.py's speed flags, recorded in the plan);
+    the eager trace does not see them, so the cost model prices them here."""
+
+    compiled_layers: bool = False     # --compile layer: each decoder layer one torch.compile region
+    loss_chunk_tokens: int = 0        # --ce_chunk_tokens: the loss from hidden states, N positions at a time
+    deferred_grad_sync: bool = False  # --defer_grad_sync: one cast and gradient reduction per step (ZeRO 0)
+    fused_adamw: bool = False         # --fused_adamw
+
+    @classmethod
+    def from_dict(cls, d):
+        d = d or {}
+        return cls(compiled_layers=d.get("compile") == "layer", loss_chunk_tokens=int(d.get("ce_chunk_tokens") or 0),
+                   deferred_grad_sync=bool(d.get("defer_grad_sync")), fused_adamw=bool(d.get("fused_adamw")))
+
+
+# Bytes a fused chunked cross-entropy moves per logit: the bf16 logits written by the GEMM and read
+# once, the bf16 gradient of the logits written (the float32 softmax stays in registers).
+CHUNKED_LOSS_BYTES_PER_LOGIT = 6
+# A chunk's working set per logit: bf16 logits, float32 softmax, bf16 gradient.
+CHUNKED_LOSS_WORKING_BYTES = 8
+# Mixed precision without ZeRO sharding: per micro-batch, each parameter is cast to bf16 (read 4,
+# write 2 bytes) and its bf16 gradient accumulated into the float32 one (read 2 + 4, write 4).
+CAST_BYTES_PER_PARAM = 16
+LAYER_KINDS = ("dense", "moe")
+
+
 @dataclass
 class FamilyCost:
     """The work of one op family in one phase for one micro-batch."""
@@ -82,7 +110,13 @@ def _family_costs(ops, num_groups):
         target = fwd if op.phase == "fwd" else bwd
         cost = target.setdefault(op.category, FamilyCost())
         if op.name == "aten._grouped_mm":
-            total_rows = op.in_shapes[0][0] if len(op.in_shapes[0]) == 2 else op.in_shapes[0][1]
+            a_shape, b_shape = op.in_shapes[0], op.in_shapes[1]
+            if len(a_shape) == 2 and len(b_shape) == 2:
+                # the weight gradient, [out, rows] x [rows, in] grouped along the rows: the token
+                # rows are the reduction dimension, a_shape[1]
+                total_rows = a_shape[1]
+            else:
+                total_rows = a_shape[0] if len(a_shape) == 2 else a_shape[1]
             cost.grouped.append((op.flops, total_rows / num_groups))
         elif op.flops > 0:
             cost.gemm_flops.append(op.flops)
@@ -185,8 +219,10 @@ class Prediction:
 
 
 class CostModel:
-    def __init__(self, costs: ModelCosts, profile, mem_limit_gib, runtime_replicas=1, dtype="bf16"):
+    def __init__(self, costs: ModelCosts, profile, mem_limit_gib, runtime_replicas=1, dtype="bf16",
+                 execution: Execution = Execution()):
         self.costs = costs
+        self.execution = execution
         self.dtype = dtype  # compute dtype: which of the profile's GEMM curves applies
         self.profile = profile
         self.mem_limit_gib = mem_limit_gib
@@ -195,9 +231,11 @@ class CostModel:
         self._cache = {}
 
     # ---- compute -------------------------------------------------------------------------------
-    def _family_time(self, family, cost: FamilyCost, tp, ep):
+    def _family_time(self, family, cost: FamilyCost, tp, ep, kind_name=None):
         split = tp if TP_SPLIT.get(family, False) else 1
         p = self.profile
+        fused = p.execution_factor("compiled_layer_bytes") \
+            if self.execution.compiled_layers and kind_name in LAYER_KINDS else 1.0
         # GEMM throughput is looked up by the GEMM's FLOPs (matmul curve) or rows per expert
         # (grouped curve); the profile's m/n/k arguments are used so that 2mnk == FLOPs.
         t = sum(p.matmul_time(f / split / 2, 1, 1, self.dtype) for f in cost.gemm_flops)
@@ -208,15 +246,32 @@ class CostModel:
             rows_per_expert = max(rows * ep, 1.0)
             t += p.grouped_gemm_time(rows_per_expert, 1, 1, work / (2 * rows_per_expert), self.dtype)
         other = cost.other_bytes / (split if family != "experts" else 1)
-        t += p.memory_time(other) + cost.other_ops * p.kernel_launch_us * 1e-6
+        t += p.memory_time(other * fused) + cost.other_ops * fused * p.kernel_launch_us * 1e-6
         return t
+
+    def _chunked_loss_time(self, phase):
+        """The fused chunked loss moves each logit's bytes once, all inside the forward call."""
+        if phase == "bwd":
+            return 0.0
+        c = self.costs
+        logits = c.batch_size * c.seq_len * c.vocab_size
+        chunks = max(1, -(-c.batch_size * c.seq_len // self.execution.loss_chunk_tokens))
+        return self.profile.memory_time(CHUNKED_LOSS_BYTES_PER_LOGIT * logits) + 4 * chunks * self.profile.launch_s
 
     def kind_time(self, kind: LayerKind, tp, ep):
         """(forward, backward) seconds of one block for one micro-batch, communication included."""
         key = (kind.name, tp, ep)
         if key not in self._cache:
-            fwd = sum(self._family_time(f, c, tp, ep) for f, c in kind.fwd.items())
-            bwd = sum(self._family_time(f, c, tp, ep) for f, c in kind.bwd.items())
+            fwd = sum(self._family_time(f, c, tp, ep, kind.name) for f, c in kind.fwd.items())
+            bwd = sum(self._family_time(f, c, tp, ep, kind.name) for f, c in kind.bwd.items())
+            if kind.name == "head" and self.execution.loss_chunk_tokens:
+                # the GEMMs stay; the eager loss's memory traffic (full float32 logits, softmax,
+                # their gradient) is replaced by the fused chunk kernel's
+                def gemms(fams):
+                    return sum(self._family_time(f, FamilyCost(gemm_flops=c.gemm_flops, grouped=c.grouped), tp, ep)
+                               for f, c in fams.items())
+                fwd = gemms(kind.fwd) + self._chunked_loss_time("fwd")
+                bwd = gemms(kind.bwd)
             comm_f, comm_b = self._block_comm(kind, tp, ep)
             self._cache[key] = (fwd + comm_f, bwd + comm_b, comm_f + comm_b)
         return self._cache[key]
@@ -285,6 +340,11 @@ class CostModel:
             activations = sum(saved_per_block) * in_flight
         # the backward of the largest block needs room for its gradients next to what it saved
         transient = max(saved_per_block)
+        if self.execution.loss_chunk_tokens and any(b.name == "head" for b in blocks):
+            # the chunked loss holds one chunk's logits, softmax and gradient at a time
+            chunk = min(self.execution.loss_chunk_tokens, self.costs.batch_size * self.costs.seq_len)
+            transient = max([s for b, s in zip(blocks, saved_per_block) if b.name != "head"]
+                            + [CHUNKED_LOSS_WORKING_BYTES * chunk * self.costs.vocab_size])
         total = (state + working + grads_working + activations + transient) * FRAGMENTATION + self.reserved_gib * GIB
         parts = {"params_and_optimizer": state / GIB, "gathered_params_and_grads": (working + grads_working) / GIB,
                  "activations": activations / GIB, "transient": transient / GIB}
@@ -300,7 +360,12 @@ class CostModel:
         return cand.dp * cand.ep * outer, cand.dp * outer
 
     def _saved(self, block, tp):
-        return sum(b / (tp if TP_SPLIT.get(f, False) and f != "experts" else 1) for f, b in block.saved_bytes.items())
+        if block.name == "head" and self.execution.loss_chunk_tokens:
+            return block.input_bytes  # only the final hidden states: the chunks' logits are not kept
+        saved = sum(b / (tp if TP_SPLIT.get(f, False) and f != "experts" else 1) for f, b in block.saved_bytes.items())
+        if self.execution.compiled_layers and block.name in LAYER_KINDS:
+            saved *= self.profile.execution_factor("compiled_layer_saved")
+        return saved
 
     @staticmethod
     def _in_flight(cand, stage):
@@ -356,10 +421,18 @@ class CostModel:
                                           self.replicas)
         return per_mb, per_step, dense + expert
 
+    def _cast_time(self, cand, params):
+        """Without ZeRO sharding, FSDP's mixed precision casts every parameter to the compute dtype
+        and accumulates its gradient, once per micro-batch (once per step when the gradient sync
+        is deferred); with ZeRO the cast rides on the all-gather."""
+        if cand.zero != 0 or self.dtype != "bf16" or self.profile.name == "cpu":
+            return 0.0
+        return self.profile.memory_time(CAST_BYTES_PER_PARAM * params)
+
     def evaluate(self, cand: Candidate) -> Prediction:
         c = self.costs
         stage_f_b, peaks, mem = [], [], []
-        zero_exposed, per_step, optimizer = 0.0, 0.0, 0.0
+        zero_exposed, per_step, optimizer, casts = 0.0, 0.0, 0.0, 0.0
         for s in range(cand.pp):
             f, b = self.stage_time(cand, s, cand.recompute[s])
             per_mb, step_comm, params = self._zero_comm(cand, s)
@@ -370,7 +443,11 @@ class CostModel:
             per_step = max(per_step, step_comm)
             shard = params / self.shard_degrees(cand)[0]
             # AdamW reads and writes fp32 weight, gradient and two moments
-            optimizer = max(optimizer, self.profile.memory_time(2 * STATE_BYTES_PER_PARAM * shard))
+            adamw = self.profile.memory_time(2 * STATE_BYTES_PER_PARAM * shard)
+            if not self.execution.fused_adamw:
+                adamw *= self.profile.execution_factor("foreach_adamw")
+            optimizer = max(optimizer, adamw)
+            casts = max(casts, self._cast_time(cand, params))
             m = self.stage_memory(cand, s, cand.recompute[s])
             mem.append(m)
         worst = max(x["forward"] + x["backward"] for x in stage_f_b)
@@ -381,7 +458,8 @@ class CostModel:
         else:
             bubble = (cand.pp - 1) / cand.virtual_stages * worst
             pipeline = m_count * worst + bubble
-        step = pipeline + per_step + optimizer
+        cast_total = casts * (1 if self.execution.deferred_grad_sync else m_count)
+        step = pipeline + per_step + optimizer + cast_total
         devices_per_stage = cand.dp * cand.ep * cand.tp
         for m in mem:
             peaks.extend([m["total"]] * devices_per_stage)
@@ -396,6 +474,7 @@ class CostModel:
                      "ZeRO collectives not hidden by compute (included above)": m_count * zero_exposed,
                      "pipeline bubble": bubble,
                      "gradient sync at the end of the step": per_step, "optimizer step": optimizer,
+                     "mixed-precision casts": cast_total,
                      "stage imbalance (included above)": max(0.0, m_count * worst - compute)}
         return Prediction(step_time_s=step, peak_memory_gib=peaks, mfu=mfu,
                           tokens_per_s=sequences * c.seq_len / step, breakdown_s=breakdown,

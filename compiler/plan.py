@@ -76,6 +76,9 @@ class Plan:
     alternatives: List[Dict] = field(default_factory=list)
     explanation: str = ""
     version: int = PLAN_VERSION
+    # the runtime's speed options the prediction assumes (train.py --compile, --ce_chunk_tokens,
+    # --fused_adamw, --defer_grad_sync); a run uses them unless its own flags say otherwise
+    execution: Dict = field(default_factory=dict)
 
     # ---- derived views -----------------------------------------------------------------------
     @property
@@ -101,7 +104,7 @@ class Plan:
         d = asdict(self)
         d["recompute"] = self.recompute
         order = ["version", "model", "search_inputs", "plan_ngpus", "mesh", "stages", "ops", "recompute",
-                 "zero", "schedule", "predicted", "explanation", "alternatives"]
+                 "zero", "schedule", "execution", "predicted", "explanation", "alternatives"]
         return {k: d[k] for k in order}
 
     def to_json(self):
@@ -135,7 +138,8 @@ class Plan:
         plan = cls(model=need("model"), search_inputs=need("search_inputs"), plan_ngpus=need("plan_ngpus"),
                    mesh=dict(need("mesh")), stages=stages, ops=need("ops"), zero=need("zero"),
                    schedule=need("schedule"), predicted=need("predicted"),
-                   alternatives=d.get("alternatives", []), explanation=d.get("explanation", ""), version=version)
+                   alternatives=d.get("alternatives", []), explanation=d.get("explanation", ""), version=version,
+                   execution=dict(d.get("execution", {})))
         plan.validate(source)
         return plan
 

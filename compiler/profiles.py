@@ -157,6 +157,16 @@ class Curve:
 
 # --------------------------------------------------------------------------- the profile
 
+# The runtime's speed options change what the eager trace sees; a profile may carry their measured
+# effect on its device (bench/train_step.py measures each option alone):
+EXECUTION_FACTORS = {
+    "compiled_layer_bytes": "memory traffic of a decoder layer's non-GEMM ops under --compile layer, as a "
+                            "fraction of the eager ops' traffic (fusion)",
+    "compiled_layer_saved": "activation bytes a compiled layer saves for its backward, as a fraction of the "
+                            "eager layer's",
+    "foreach_adamw": "time of the foreach AdamW step relative to the fused kernel's",
+}
+
 
 @dataclass
 class DeviceProfile:
@@ -172,6 +182,9 @@ class DeviceProfile:
     collectives: Dict[str, Dict[int, Dict[str, Any]]]  # op -> group size -> {"bus_bandwidth_gbps", "latency_us"}
     kernel_launch_us: float
     sources: Dict[str, Dict[str, str]]
+    # Measured effects of the runtime's speed options, as factors on what the eager trace predicts
+    # (see EXECUTION_FACTORS); absent: 1.0, no effect assumed.
+    execution: Dict[str, float] = field(default_factory=dict)
     origin: str = field(default="<dict>", compare=False)  # the file it was read from, for messages
 
     # ----------------------------------------------------------------- compute
@@ -265,7 +278,11 @@ class DeviceProfile:
             "collectives": {op: {str(g): dict(e) for g, e in sorted(table.items())}
                             for op, table in self.collectives.items()},
             "sources": self.sources,
+            **({"execution": dict(self.execution)} if self.execution else {}),
         }
+
+    def execution_factor(self, name: str) -> float:
+        return float(self.execution.get(name, 1.0))
 
     @classmethod
     def from_json(cls, doc: Any, origin: str = "<dict>") -> "DeviceProfile":
@@ -425,5 +442,14 @@ class _Parser:
             collectives=self.collectives(self.get(doc, "collectives")),
             kernel_launch_us=self.non_negative(self.get(doc, "kernel_launch_us"), "kernel_launch_us"),
             sources=self.sources(self.get(doc, "sources")),
+            execution=self.execution(doc.get("execution", {})),
             origin=self.origin,
         )
+
+    def execution(self, doc: Any) -> Dict[str, float]:
+        if not isinstance(doc, dict):
+            raise self.fail("execution", "must be an object of factor name -> positive number")
+        unknown = sorted(set(doc) - set(EXECUTION_FACTORS))
+        if unknown:
+            raise self.fail(f"execution.{unknown[0]}", f"is not a known factor; known: {', '.join(EXECUTION_FACTORS)}")
+        return {k: self.positive(v, f"execution.{k}") for k, v in doc.items()}

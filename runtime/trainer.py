@@ -115,6 +115,7 @@ def check_run(args: RunArgs, plan: Plan, plan_path, world_size):
     if world_size != runtime:
         raise RunError(f"{world_size} processes were started but --runtime_ngpus is {runtime}; start "
                        f"`torchrun --nproc_per_node {runtime}` or change --runtime_ngpus")
+    adopt_plan_execution(args, plan)
     check_speed_options(args, plan, plan_path)
     for flag, value, planned in (("--micro_batch_size", args.micro_batch_size, plan.search_inputs["micro_batch_size"]),
                                  ("--global_batch_size", args.global_batch_size,
@@ -126,6 +127,16 @@ def check_run(args: RunArgs, plan: Plan, plan_path, world_size):
 
 def compute_dtype_name(args: RunArgs):
     return args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+
+
+SPEED_DEFAULTS = {"compile": "none", "ce_chunk_tokens": 0, "fused_adamw": False, "defer_grad_sync": False}
+
+
+def adopt_plan_execution(args: RunArgs, plan: Plan):
+    """The speed options the plan was costed with, for each one this run leaves at its default."""
+    for name, default in SPEED_DEFAULTS.items():
+        if name in plan.execution and getattr(args, name) == default:
+            setattr(args, name, plan.execution[name])
 
 
 def check_speed_options(args: RunArgs, plan: Plan, plan_path):

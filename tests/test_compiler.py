@@ -276,3 +276,56 @@ def test_committed_plans_load_and_match_their_models(name):
     plan.check_model(load_config(os.path.join(REPO, plan.model["model_id"])))
     assert max(plan.predicted["peak_memory_gib"]) <= plan.search_inputs["mem_limit_gib"]
     assert os.path.exists(os.path.join(REPO, "plans", name[:-5] + ".md"))
+
+
+def test_weight_gradient_grouped_gemm_is_costed_by_tokens_per_expert(tiny_costs):
+    """The expert weight gradient is a grouped GEMM along the token rows ([out, rows] x [rows, in]); it
+    must be looked up at tokens per expert, like the forward, not at out / experts."""
+    config, costs = tiny_costs
+    moe = costs.kinds["moe"]
+    forward_rows = {rows for _, rows in moe.fwd["experts"].grouped}
+    backward_rows = {rows for _, rows in moe.bwd["experts"].grouped}
+    tokens_per_expert = 2 * 64 * config.num_experts_per_tok / config.n_routed_experts
+    assert forward_rows == {tokens_per_expert}
+    assert backward_rows == {tokens_per_expert}
+
+
+def test_speed_options_are_costed_and_recorded_in_the_plan(tmp_path):
+    """--compile layer and --ce_chunk_tokens change the prediction by the profile's measured factors,
+    and the plan records them for the run to adopt."""
+    import copy
+
+    from compiler.cost_model import Candidate, CostModel, Execution
+    from compiler.profiles import load_profile
+    from runtime.trainer import RunArgs, adopt_plan_execution
+    config = _config("deepseek-coder-v2-lite")
+    config.num_hidden_layers = 2
+    costs = model_costs(trace_training_step(build_traced_model(config), batch_size=1, seq_len=512), config)
+    profile = copy.deepcopy(load_profile("h100"))
+    profile.execution = {"compiled_layer_bytes": 0.5, "compiled_layer_saved": 0.5, "foreach_adamw": 2.0}
+    cand = Candidate(pp=1, dp=1, ep=1, tp=1, zero=0, zero_over_replicas=True, schedule="GradAccum", splits=(),
+                     recompute=("none",), micro_batches=2)
+
+    def predict(**options):
+        return CostModel(costs, profile, 80, execution=Execution(**options)).evaluate(cand)
+    plain, fused_adamw = predict(), predict(fused_adamw=True)
+    compiled, chunked = predict(compiled_layers=True), predict(loss_chunk_tokens=128)
+    deferred = predict(deferred_grad_sync=True)
+    assert fused_adamw.breakdown_s["optimizer step"] == pytest.approx(plain.breakdown_s["optimizer step"] / 2)
+    assert compiled.step_time_s < plain.step_time_s
+    eager = CostModel(costs, profile, 80)
+    layer_saved = sum(eager._saved(costs.kinds[k], 1) for k in costs.layer_kinds) / 2 ** 30
+    assert compiled.memory_breakdown_gib[0]["activations"] == pytest.approx(  # layers halved, the head not
+        plain.memory_breakdown_gib[0]["activations"] - 0.5 * layer_saved, rel=1e-3)
+    assert chunked.step_time_s < plain.step_time_s
+    assert chunked.peak_memory_gib[0] < plain.peak_memory_gib[0]
+    assert deferred.breakdown_s["mixed-precision casts"] == pytest.approx(plain.breakdown_s["mixed-precision casts"] / 2)
+
+    plan, _ = compile_plan(CompileRequest(model_id=os.path.join(CONFIGS, "tiny-deepseek-v2"), plan_ngpus=1, seq_len=64,
+                                          micro_batch_size=2, global_batch_size=4, device_profile="h100",
+                                          plan_out=str(tmp_path / "p.json"), report=False,
+                                          execution={"compile": "layer", "ce_chunk_tokens": 64, "fused_adamw": False}))
+    assert plan.execution == {"compile": "layer", "ce_chunk_tokens": 64}
+    args = RunArgs(model_id="m", dataset_path="d", plan_ngpus=1, runtime_ngpus=1, ce_chunk_tokens=32)
+    adopt_plan_execution(args, plan)
+    assert (args.compile, args.ce_chunk_tokens) == ("layer", 32)  # the run's own flag wins
