@@ -10,6 +10,8 @@ never waits for the GPU (no `.item()`, no `nonzero`, no boolean-mask indexing, n
 output size depends on the data).
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,12 @@ _FUSED_KERNELS = {"enabled": True}
 def set_fused_kernels(enabled):
     """Turns the torch.compile-fused kernels on CUDA on or off (off: plain eager operators)."""
     _FUSED_KERNELS["enabled"] = bool(enabled)
+
+
+def _is_compile_failure(error):
+    """An error of torch.compile itself (dynamo, inductor, shape guards), not of the computation."""
+    module = type(error).__module__
+    return module.startswith(("torch._dynamo", "torch._inductor", "torch.fx")) or "dynamo" in str(error).lower()
 
 
 STATIC_SHAPES = 4  # distinct shapes compiled with static sizes before switching to a symbolic row count
@@ -64,12 +72,24 @@ def _compiled_on_cuda(fn):
             return static_compiled(*args)
         if any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] < 2 for a in args):
             return fn(*args)  # sizes 0 and 1 cannot be symbolic (and cost nothing in eager mode)
+        if dynamic_compiled is False:
+            return fn(*args)
         if dynamic_compiled is None:
             dynamic_compiled = torch.compile(dynamic_rows, fullgraph=True)
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() > 0:
-                torch._dynamo.mark_dynamic(a, 0)
-        return dynamic_compiled(*args)
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        try:
+            return dynamic_compiled(*args)
+        except Exception as e:  # noqa: BLE001 - filtered just below
+            if not _is_compile_failure(e):
+                raise
+            # A compiler that cannot keep the row count symbolic here would recompile for every
+            # step's shape; the eager operators are slower but never recompile.
+            warnings.warn(f"{fn.__name__}: no symbolic-row-count kernel ({type(e).__name__}); using eager "
+                          "operators for changing shapes", stacklevel=2)
+            dynamic_compiled = False
+            return fn(*args)
 
     call.__name__ = call.__qualname__ = fn.__name__
     call.__doc__ = fn.__doc__

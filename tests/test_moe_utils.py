@@ -1,5 +1,6 @@
 """Token dispatch: sorting slots by expert, group offsets, and the gather-only permutation."""
 
+import pytest
 import torch
 
 from modeling import moe_utils
@@ -51,3 +52,25 @@ def test_weighted_swiglu_gradients():
     (torch.nn.functional.silu(gu_ref[:, :4]) * gu_ref[:, 4:] * w_ref).backward(grad)
     torch.testing.assert_close(gu32.grad, gu_ref.grad)
     torch.testing.assert_close(w32.grad, w_ref.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels are compiled on CUDA only")
+def test_fused_kernels_follow_eager_as_row_counts_change_every_call():
+    """Expert parallelism hands the fused SwiGLU and gather-sum kernels a new row count every step:
+    they must keep computing what the eager operators compute, and never hit the recompile limit."""
+    from modeling.moe_utils import _sum_slots, set_fused_kernels, weighted_swiglu
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for rows in [4096, 4100, 3990, 4200, 4001, 3777, 4444, 4321, 5003, 3001] * 2:
+        gate_up = torch.randn(rows, 2 * 64, device="cuda", dtype=torch.bfloat16, generator=generator,
+                              requires_grad=True)
+        weight = torch.rand(rows, 1, device="cuda", generator=generator, requires_grad=True)
+        positions = torch.randperm(rows, device="cuda", generator=generator)
+        results = []
+        for fused in (True, False):
+            set_fused_kernels(fused)
+            h = weighted_swiglu(gate_up, weight)
+            grads = torch.autograd.grad(h.float().square().sum(), (gate_up, weight))
+            results.append((h, *grads, _sum_slots(gate_up.detach(), positions, 1)))
+        set_fused_kernels(True)
+        for got, want in zip(*results):
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
