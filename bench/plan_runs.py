@@ -101,7 +101,8 @@ def main(argv=None):
         wall = time.perf_counter() - started
         metrics = os.path.join(save_dir, "metrics.jsonl")
         records = [json.loads(line) for line in open(metrics)] if os.path.isfile(metrics) else []
-        entry = {"plan": plan_path, "ngpus": ngpus, "rc": rc, "wall_s": wall,
+        entry = {"plan": os.path.basename(plan_path),  # no machine paths: results are committed
+                 "ngpus": ngpus, "rc": rc, "wall_s": wall,
                  "plan_summary": f"pp={plan.mesh['pp']} dp={plan.mesh['dp']} ep={plan.mesh['ep']} tp={plan.mesh['tp']} "
                                  f"zero {plan.zero['level']} {plan.schedule['name']} recompute "
                                  f"{'/'.join(s.recompute for s in plan.stages)}",

@@ -388,12 +388,12 @@ def main(argv=None):
     n_active, n_total = active_parameters(config)
     flops_token = flops_per_token(config, args.seq_len)
     header = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "torch": torch.__version__, "model": model_id, "layers": config.num_hidden_layers,
+              "torch": torch.__version__, "model": os.path.basename(model_id), "layers": config.num_hidden_layers,
               "seq_len": args.seq_len, "global_batch_size": args.global_batch_size,
               "micro_batch_size": args.micro_batch_size, "steps": args.steps, "warmup": args.warmup,
               "parameters": n_total, "active_parameters": n_active, "flops_per_token": flops_token,
               "attention_flops_per_token": attention_flops_per_token(config, args.seq_len),
-              "peak_tflops": args.peak_tflops, "out_dir": out_dir}
+              "peak_tflops": args.peak_tflops}  # no machine paths: results are committed
     print(json.dumps(header, indent=1), flush=True)
     print(f"{n_total / 1e9:.3f} B parameters, {n_active / 1e6:.1f} M active per token; "
           f"{flops_token / 1e9:.3f} GFLOP per token; 30 % MFU = "
