@@ -38,7 +38,6 @@ import re
 import shutil
 import sys
 import warnings
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -97,14 +96,14 @@ def dtype_name(dtype):
 # ---- the checkpoint: find, verify, read -------------------------------------------------------------------
 def resolve_checkpoint(ckpt_dir):
     """--ckpt_dir -> a committed checkpoint directory and its COMMITTED record."""
-    from runtime.checkpoint import COMMIT_MARKER, LAST_POINTER
+    from runtime.checkpoint import COMMIT_MARKER, LAST_POINTER, last_pointer_target
     if not os.path.isdir(ckpt_dir):
         raise MergeError(f"--ckpt_dir {ckpt_dir}: no such directory; pass a checkpoint such as "
                          "SAVE_DIR/step_00000020, or the save dir to merge the one its `last` pointer names")
     pointer = os.path.join(ckpt_dir, LAST_POINTER)
-    if not os.path.isfile(os.path.join(ckpt_dir, COMMIT_MARKER)) and os.path.isfile(pointer):
-        with open(pointer) as f:
-            ckpt_dir = os.path.join(ckpt_dir, f.read().strip())
+    target = last_pointer_target(ckpt_dir)
+    if not os.path.isfile(os.path.join(ckpt_dir, COMMIT_MARKER)) and target is not None:
+        ckpt_dir = target
         if not os.path.isdir(ckpt_dir):
             raise MergeError(f"{pointer} names {ckpt_dir}, which does not exist (deleted by hand?); pass a "
                              "step_N directory that exists as --ckpt_dir")
@@ -124,8 +123,10 @@ def resolve_checkpoint(ckpt_dir):
 
 def verify_files(ckpt_dir, committed, progress=True):
     """Every file COMMITTED lists exists with the recorded size and CRC-32 (the checksum the trainer
-    computed when it saved, see runtime.checkpoint.file_checksum)."""
+    computed when it saved with runtime.checkpoint.file_checksum, used here too)."""
     from tqdm import tqdm
+
+    from runtime.checkpoint import file_checksum
     files = committed["files"]
     missing = [name for name in files if not os.path.isfile(os.path.join(ckpt_dir, name))]
     if missing:
@@ -144,11 +145,7 @@ def verify_files(ckpt_dir, committed, progress=True):
     with bar:
         for name, expected in files.items():
             path = os.path.join(ckpt_dir, name)
-            crc = 0
-            with open(path, "rb") as f:
-                while block := f.read(1 << 24):
-                    crc = zlib.crc32(block, crc)
-                    bar.update(len(block))
+            crc = file_checksum(path, on_block=bar.update)["crc32"]
             if crc != expected["crc32"]:
                 raise MergeError(f"{path} is corrupt: its CRC-32 {crc} differs from the {expected['crc32']} "
                                  "recorded in COMMITTED; copy it again from where the run saved it, or use an "

@@ -34,6 +34,7 @@ python bench/plan_runs.py --model_id $MODEL --steps "$STEPS" --warmup 5 --out "$
 
 # 3. checkpoint -> merge -> transformers, on a 4-layer model of the same shape (the full model's
 #    optimizer state would be ~190 GB of disk)
+DATA=$(ls -d "$OUT"/runs/rows_*x2048 | head -1)  # the random rows plan_runs.py wrote
 SMALL="$OUT/coder-4layers"
 python - "$SMALL" <<'EOF'
 import json, os, sys
@@ -46,11 +47,11 @@ EOF
 python train.py --run_mode compile --model_id "$SMALL" --plan_ngpus 4 --runtime_ngpus "$N" --seq_len 2048 \
     --micro_batch_size 2 --global_batch_size 16 --device_profile "$PROFILE" --mem_limit_gib "$MEM" \
     --plan_out "$OUT/plans/small.json" 2>&1 | tail -6
-torchrun --nproc_per_node "$N" train.py --model_id "$SMALL" --dataset_path "$OUT/runs/rows_2048" \
+torchrun --nproc_per_node "$N" train.py --model_id "$SMALL" --dataset_path "$DATA" \
     --plan "$OUT/plans/small.json" --runtime_ngpus "$N" --device cuda --max_steps 3 --warmup_steps 1 \
     --save_dir "$OUT/small_run" 2>&1 | tail -4
 python merge_ckpt.py --ckpt_dir "$OUT/small_run" --output_dir "$OUT/small_hf" --dtype bf16 2>&1 | tail -2
-python - "$OUT/small_hf" "$OUT/runs/rows_2048" <<'EOF'
+python - "$OUT/small_hf" "$DATA" <<'EOF'
 import sys, json, torch, datasets
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, torch_dtype=torch.bfloat16).cuda()
@@ -59,4 +60,4 @@ with torch.no_grad():
     loss = model(input_ids=rows, labels=rows).loss
 print(f"transformers loaded {type(model).__name__} from {sys.argv[1]}: loss on 2 rows {loss.item():.4f}")
 EOF
-rm -rf "$OUT/small_run" "$OUT/small_hf" "$OUT/runs/rows_2048"  # large; the logs above say what happened
+rm -rf "$OUT/small_run" "$OUT/small_hf" "$DATA"  # large; the logs above say what happened

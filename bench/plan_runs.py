@@ -42,17 +42,6 @@ def parse_run(text):
         raise argparse.ArgumentTypeError(f"--run {text!r}: expected NAME=PLAN.json@NGPUS or NAME=PLAN.json@NGPUS:STEPS")
 
 
-def random_rows(path, vocab_size, seq_len, rows, seed=0):
-    import datasets
-    import torch
-    if os.path.isdir(path):
-        return path
-    ids = torch.randint(0, vocab_size, (rows, seq_len), generator=torch.Generator().manual_seed(seed),
-                        dtype=torch.int32)
-    datasets.Dataset.from_dict({"input_ids": ids.numpy()}).save_to_disk(path)
-    return path
-
-
 def summarize(records, warmup):
     timed = records[warmup:] or records
     step = statistics.median(r["step_time_s"] for r in timed)
@@ -75,6 +64,7 @@ def main(argv=None):
     p.add_argument("--extra", default="", help="extra train.py flags, space separated")
     args = p.parse_args(argv)
 
+    from bench.train_step import write_dataset
     from compiler.plan import Plan
     from modeling import load_config
     config = load_config(args.model_id)
@@ -84,8 +74,8 @@ def main(argv=None):
         steps = steps or args.steps
         plan = Plan.load(plan_path)
         seq, global_batch = plan.search_inputs["seq_len"], plan.search_inputs["global_batch_size"]
-        data = random_rows(os.path.join(args.out, f"rows_{seq}"), config.vocab_size, seq,
-                           rows=global_batch * max(s or args.steps for *_, s in args.run))
+        most_steps = max(s or args.steps for *_, s in args.run)
+        data = write_dataset(args.out, config.vocab_size, seq, rows=global_batch * most_steps)
         save_dir = os.path.join(args.out, name)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ngpus),
                os.path.join(REPO, "train.py"), "--model_id", args.model_id, "--dataset_path", data,

@@ -99,16 +99,25 @@ def save(save_dir, step, modules, optimizer, scheduler, keep_last=None, hf_files
     return final
 
 
-def file_checksum(path, chunk=1 << 24):
-    """{"bytes": size, "crc32": CRC-32 of the contents} (streamed: shards can be many GiB)."""
+def file_checksum(path, chunk=1 << 24, on_block=None):
+    """{"bytes": size, "crc32": CRC-32 of the contents} (streamed: shards can be many GiB);
+    on_block(n) is called after each block read, for a progress bar."""
     crc = 0
     with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
+        while block := f.read(chunk):
             crc = zlib.crc32(block, crc)
+            if on_block is not None:
+                on_block(len(block))
     return {"bytes": os.path.getsize(path), "crc32": crc}
+
+
+def last_pointer_target(save_dir):
+    """The checkpoint directory a save dir's `last` pointer names, or None without a pointer."""
+    pointer = os.path.join(save_dir, LAST_POINTER)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(save_dir, f.read().strip())
 
 
 def _write_hf_files(hf_dir, hf_files):
@@ -179,12 +188,10 @@ def _to_local_forms(state, local_forms):
 def resolve(resume_path, save_dir):
     """--resume_path DIR or `last` -> a committed checkpoint directory (errors name the path and fix)."""
     if resume_path == "last":
-        pointer = os.path.join(save_dir, LAST_POINTER)
-        if not os.path.isfile(pointer):
-            raise CheckpointError(f"--resume_path last: no {pointer}; no checkpoint was committed in --save_dir "
-                                  f"{save_dir}")
-        with open(pointer) as f:
-            resume_path = os.path.join(save_dir, f.read().strip())
+        resume_path = last_pointer_target(save_dir)
+        if resume_path is None:
+            raise CheckpointError(f"--resume_path last: no {os.path.join(save_dir, LAST_POINTER)}; no checkpoint "
+                                  f"was committed in --save_dir {save_dir}")
     if not os.path.isdir(resume_path):
         raise CheckpointError(f"--resume_path {resume_path}: no such checkpoint directory")
     if not os.path.isfile(os.path.join(resume_path, COMMIT_MARKER)):
