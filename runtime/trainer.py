@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from compiler.plan import Plan, PlanError, default_plan_path, model_fingerprint, model_name_of
 from runtime.data import GlobalBatches, load_rows
+from runtime.loss import chunked_lm_loss_sum
 from runtime.mesh import build_mesh
 
 
@@ -129,7 +130,9 @@ def compute_dtype_name(args: RunArgs):
     return args.dtype or ("bf16" if args.device == "cuda" else "fp32")
 
 
-SPEED_DEFAULTS = {"compile": "none", "ce_chunk_tokens": 0, "fused_adamw": False, "defer_grad_sync": False}
+# the speed options a plan records, with their RunArgs defaults
+SPEED_DEFAULTS = {f.name: f.default for f in fields(RunArgs)
+                  if f.name in ("compile", "ce_chunk_tokens", "fused_adamw", "defer_grad_sync")}
 
 
 def adopt_plan_execution(args: RunArgs, plan: Plan):
@@ -294,13 +297,6 @@ def lm_loss_sum(logits, input_ids):
     return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), input_ids[:, 1:].reshape(-1), reduction="sum")
 
 
-def chunked_head_loss(hidden_BSD, lm_head, input_ids, chunk_tokens):
-    """lm_loss_sum's value from the final hidden states, never holding the full logits (runtime/loss.py);
-    the head_fn of the model's forward_with_head."""
-    from runtime.loss import chunked_lm_loss_sum
-    return chunked_lm_loss_sum(hidden_BSD, lm_head, input_ids, chunk_tokens)
-
-
 def defer_grad_sync(model, last_microbatch):
     """Gradient accumulation without a reduction per micro-batch (plans with ZeRO 0): FSDP keeps each
     rank's gradients unreduced, accumulated in float32, and the bf16 compute copies of the weights
@@ -463,7 +459,7 @@ def train(args: RunArgs):
                     defer_grad_sync(model, last_microbatch=(i == len(micro_batches) - 1))
                 if args.ce_chunk_tokens:
                     ce_sum, aux_loss = model.forward_with_head(
-                        mb, functools.partial(chunked_head_loss, input_ids=mb, chunk_tokens=args.ce_chunk_tokens))
+                        mb, functools.partial(chunked_lm_loss_sum, input_ids_BS=mb, chunk_tokens=args.ce_chunk_tokens))
                 else:
                     out = model(input_ids=mb)
                     ce_sum, aux_loss = lm_loss_sum(out.logits, mb), out.aux_loss

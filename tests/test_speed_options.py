@@ -21,7 +21,7 @@ from modeling.modeling_deepseek_modifier import (
     flash_attn_func,
 )
 from runtime.loss import chunked_lm_loss_sum
-from runtime.trainer import RunArgs, RunError, check_speed_options, chunked_head_loss, lm_loss_sum
+from runtime.trainer import RunArgs, RunError, check_speed_options, lm_loss_sum
 from tests.runtime_harness import REPO, gather_parameters, losses, make_plan, run_plan
 
 CONFIGS = os.path.join(REPO, "configs")
@@ -52,7 +52,7 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
     out = plain(input_ids=ids)
     plain_loss = lm_loss_sum(out.logits, ids) / 100 + out.aux_loss
     plain_loss.backward()
-    ce_sum, aux = chunked.forward_with_head(ids, lambda h, head: chunked_head_loss(h, head, ids, chunk))
+    ce_sum, aux = chunked.forward_with_head(ids, lambda h, head: chunked_lm_loss_sum(h, head, ids, chunk))
     chunked_loss = ce_sum / 100 + aux
     chunked_loss.backward()
     assert abs(chunked_loss.item() - plain_loss.item()) <= 1e-6 * abs(plain_loss.item())
@@ -86,7 +86,7 @@ def test_chunked_loss_in_bf16_stays_within_rounding_of_the_float32_loss():
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
     ids = _ids(config)
     ref = lm_loss_sum(model32(input_ids=ids).logits, ids)
-    got, _ = model16.forward_with_head(ids, lambda h, head: chunked_head_loss(h, head, ids, 16))
+    got, _ = model16.forward_with_head(ids, lambda h, head: chunked_lm_loss_sum(h, head, ids, 16))
     assert got.dtype == torch.float32
     assert abs(got.item() - ref.item()) < 1e-2 * abs(ref.item())
 
