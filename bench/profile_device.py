@@ -130,21 +130,7 @@ class Timer:
 
     def _batch(self, fn, reps):
         """Seconds per call over one batch of `reps` calls."""
-        if not self.cuda:
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            return (time.perf_counter() - start) / reps
-        # Hold the GPU busy for longer than the host needs to queue the batch (~20 us a call at
-        # most), so the batch runs back to back and the events see kernel time, not launch gaps.
-        torch.cuda._sleep(int(reps * 20e-6 * 2e9))  # cycles at up to 2 GHz
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e-3 / reps
+        return _time_batch(fn, reps, self.cuda, hold_gpu=True)
 
     def time(self, fn, warmup=2):
         for _ in range(warmup):
@@ -301,7 +287,7 @@ def _time_collective(fn, group, device, samples, min_sample_s):
     fn()
     fn()
     dist.barrier(group=group, device_ids=[device.index] if cuda else None)
-    one = _collective_batch(fn, 1, cuda)
+    one = _time_batch(fn, 1, cuda)
     # Every rank must make the same number of calls, so they agree on the largest batch.
     reps = torch.tensor([max(1, min(100, math.ceil(min_sample_s / max(one, 1e-9))))], dtype=torch.int64,
                         device=device)
@@ -310,18 +296,24 @@ def _time_collective(fn, group, device, samples, min_sample_s):
     times = []
     for _ in range(samples):
         dist.barrier(group=group, device_ids=[device.index] if cuda else None)
-        times.append(_collective_batch(fn, reps, cuda))
+        times.append(_time_batch(fn, reps, cuda))
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
     return statistics.median(slowest.cpu().tolist())
 
 
-def _collective_batch(fn, reps, cuda):
+def _time_batch(fn, reps, cuda, hold_gpu=False):
+    """Seconds per call over one batch of `reps` back-to-back calls: host clock on a CPU, CUDA events
+    on a GPU. hold_gpu: first keep the GPU busy for longer than the host needs to queue the batch
+    (~20 us a call at most), so the events see kernel time, not launch gaps (not for collectives,
+    whose ranks must start together)."""
     if not cuda:
         start = time.perf_counter()
         for _ in range(reps):
             fn()
         return (time.perf_counter() - start) / reps
+    if hold_gpu:
+        torch.cuda._sleep(int(reps * 20e-6 * 2e9))  # cycles at up to 2 GHz
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
