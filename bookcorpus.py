@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from errors import UserError, run_cli
+
 # datasets / transformers are imported at module level (not lazily): every code path needs them,
 # and `--help` staying a second slower is the lesser evil than scattered imports.
 import datasets
@@ -64,7 +66,7 @@ OUTPUT_FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("
 BATCH_SIZE = 1000
 
 
-class BookcorpusError(Exception):
+class BookcorpusError(UserError):
     """A problem with the user's input or flags. main() prints it as `error: <message>` and exits 2."""
 
 
@@ -488,36 +490,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Run the CLI; returns the exit code (0, or 2 for bad input). argparse's own errors exit 2."""
+def _main(argv: Optional[list[str]] = None) -> int:
+    """Run the CLI; BookcorpusError for bad input (main prints it and exits 2, as argparse does for
+    its own errors)."""
     args = build_parser().parse_args(argv)
-    try:
-        # Cheap checks first, so a typo fails before minutes of tokenizing.
-        if args.sequence_length < 2:
-            raise BookcorpusError(
-                f"--sequence_length must be at least 2 (got {args.sequence_length}): a training row "
-                f"needs an input token and a next token to predict; pass e.g. --sequence_length 2048"
-            )
-        if args.num_proc < 1:
-            raise BookcorpusError(f"--num_proc must be at least 1 (got {args.num_proc})")
-        resolve_data_files(args.data_path_or_name)  # a missing path fails here, before the tokenizer loads
-        tokenizer = load_tokenizer(args.tokenizer_path_or_name)
-        special_token_ids(tokenizer, args.tokenizer_path_or_name)
-        documents = load_documents(args.data_path_or_name, args.text_column, args.num_proc)
-        stats = tokenize_and_chunk(
-            documents,
-            tokenizer,
-            args.sequence_length,
-            args.save_path,
-            text_column=args.text_column,
-            num_proc=args.num_proc,
-            tokenizer_name=args.tokenizer_path_or_name,
+    # Cheap checks first, so a typo fails before minutes of tokenizing.
+    if args.sequence_length < 2:
+        raise BookcorpusError(
+            f"--sequence_length must be at least 2 (got {args.sequence_length}): a training row "
+            f"needs an input token and a next token to predict; pass e.g. --sequence_length 2048"
         )
-    except BookcorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.num_proc < 1:
+        raise BookcorpusError(f"--num_proc must be at least 1 (got {args.num_proc})")
+    resolve_data_files(args.data_path_or_name)  # a missing path fails here, before the tokenizer loads
+    tokenizer = load_tokenizer(args.tokenizer_path_or_name)
+    special_token_ids(tokenizer, args.tokenizer_path_or_name)
+    documents = load_documents(args.data_path_or_name, args.text_column, args.num_proc)
+    stats = tokenize_and_chunk(
+        documents,
+        tokenizer,
+        args.sequence_length,
+        args.save_path,
+        text_column=args.text_column,
+        num_proc=args.num_proc,
+        tokenizer_name=args.tokenizer_path_or_name,
+    )
     print(stats.summary(args.save_path))
     return 0
+
+
+def main(argv=None):
+    """The command line: exit status 0, or 2 with one line naming the problem and the fix."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def main(argv=None):
     import datasets
     import demo_data
     from modeling import build_model, load_config
-    from modeling.modeling_deepseek_modifier import apply_training_form
+    from modeling.training_form import apply_training_form
 
     started = time.perf_counter()
     shutil.rmtree(args.out_dir, ignore_errors=True)

@@ -43,6 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
+from errors import UserError, read_json, run_cli
+from modeling.hf_adapter import training_source
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 MODELING_FILES = ("modeling_deepseek.py", "configuration_deepseek.py")
 MODEL_PREFIX = "model"  # model-00001-of-0000K.safetensors, model.safetensors.index.json
@@ -62,7 +65,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 NON_TOKENIZER_FILES = ("config.json", "generation_config.json")
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """A merge that cannot be done as asked; the message names the path or flag and the fix."""
 
 
@@ -111,11 +114,7 @@ def resolve_checkpoint(ckpt_dir):
     if not os.path.isfile(marker):
         raise MergeError(f"--ckpt_dir {ckpt_dir} has no {COMMIT_MARKER} marker: its save did not finish; use an "
                          "earlier checkpoint, or pass the save dir to merge the one its `last` pointer names")
-    try:
-        with open(marker) as f:
-            committed = json.load(f)
-    except ValueError:
-        committed = None
+    committed = read_json(marker, MergeError, "the marker is damaged; use an earlier checkpoint")
     if not isinstance(committed, dict) or not isinstance(committed.get("files"), dict) or not committed["files"]:
         raise MergeError(f"{marker} is damaged (not the JSON the trainer writes); use an earlier checkpoint")
     return ckpt_dir, committed
@@ -179,25 +178,6 @@ class CheckpointTensors:
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(state, storage_reader=self.reader, no_dist=True)
         return state
-
-
-# ---- names: Hugging Face <-> training form -------------------------------------------------------------
-_HF_EXPERT = re.compile(r"^(?P<experts>.*\.mlp\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-
-
-def training_source(hf_name):
-    """(training-form parameter name, index into it) of a Hugging Face tensor name.
-
-    The training form renames only the routed experts (MergedExperts): gate_up_proj_E2FD[i, 0] is
-    expert i's gate_proj.weight, [i, 1] its up_proj.weight, down_proj_EDF[i] its down_proj.weight.
-    Everything else, the router's `mlp.gate.weight` included, keeps its name (index ())."""
-    match = _HF_EXPERT.match(hf_name)
-    if match is None:
-        return hf_name, ()
-    i = int(match["index"])
-    if match["proj"] == "down_proj":
-        return f"{match['experts']}.down_proj_EDF", (i,)
-    return f"{match['experts']}.gate_up_proj_E2FD", (i, 0 if match["proj"] == "gate_proj" else 1)
 
 
 @dataclass
@@ -416,7 +396,7 @@ def merge_checkpoint(ckpt_dir, output_dir, dtype=None, max_shard_size="5GB", ove
                      progress=True):
     """Writes the Hugging Face checkpoint of `ckpt_dir` to `output_dir` (see the module doc); returns
     the output directory. dtype: "bf16", "fp32" or None (the checkpoint's dtype)."""
-    from modeling.loading import ModelDirError, load_config
+    from modeling.loading import load_config
     max_bytes = parse_size(max_shard_size)
     out_dtype = parse_dtype(dtype) if dtype is not None else None
     ckpt_dir, committed = resolve_checkpoint(ckpt_dir)
@@ -426,10 +406,7 @@ def merge_checkpoint(ckpt_dir, output_dir, dtype=None, max_shard_size="5GB", ove
         raise MergeError(f"{hf_dir}/config.json missing: the checkpoint was saved by an older trainer; copy the run's "
                          "--model_id config.json there")
     verify_files(ckpt_dir, committed, progress)
-    try:
-        config = load_config(hf_dir)
-    except ModelDirError as e:
-        raise MergeError(str(e)) from None
+    config = load_config(hf_dir)
 
     checkpoint = CheckpointTensors(ckpt_dir)
     if out_dtype is None:  # the stored dtype (fp32 master weights): a bitwise copy
@@ -489,15 +466,16 @@ against the COMMITTED marker first. Runs on a CPU; memory peaks at about one out
     return p
 
 
-def main(argv=None):
+def _main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        merge_checkpoint(args.ckpt_dir, args.output_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                         overwrite=args.overwrite, optimizer=args.optimizer)
-    except MergeError as e:
-        print(f"merge_ckpt.py: error: {e}", file=sys.stderr)
-        return 2
+    merge_checkpoint(args.ckpt_dir, args.output_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                     overwrite=args.overwrite, optimizer=args.optimizer)
     return 0
+
+
+def main(argv=None):
+    """The command line: exit status 0, or 2 with one line naming the problem and the fix."""
+    return run_cli(_main, argv, prog="merge_ckpt.py")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ Variants (each a step of what made the difference, see bench/RESULTS.md):
   fused     + gate and up as one grouped GEMM ([E, 2, F, D] weights) and a SwiGLU autograd function
             whose backward writes the [T*K, 2F] gradient directly (one input-gradient GEMM, no add)
   grouped   + the elementwise SwiGLU and the gather-sum fused into single kernels by torch.compile:
-            moe_utils.expert_swiglu as the training form runs it
+            kernels.expert_swiglu as the training form runs it
 Timing: CUDA events around forward and backward, warm-up first, median of --iters runs.
 """
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modeling import moe_utils  # noqa: E402
+from modeling import kernels  # noqa: E402
 
 HIDDEN, FFN, TOP_K = 2048, 1408, 6
 PEAK_FLOPS = 989e12
@@ -77,7 +77,7 @@ def _naive_unpermute(y_sorted, sorted_slots, topk_weight, out_dtype):
 def loop_block(x, topk_idx, topk_weight, gate, up, down):
     """Per-expert matmuls over host-side slices: the structure of the reference model."""
     x_sorted, sorted_slots = _naive_permute(x, topk_idx)
-    counts = moe_utils.tokens_per_expert(topk_idx, gate.shape[0]).tolist()  # host sync
+    counts = kernels.tokens_per_expert(topk_idx, gate.shape[0]).tolist()  # host sync
     outs, start = [], 0
     for e, n in enumerate(counts):
         rows = x_sorted[start:start + n]
@@ -89,20 +89,20 @@ def loop_block(x, topk_idx, topk_weight, gate, up, down):
 def naive_block(x, topk_idx, topk_weight, gate, up, down):
     """Grouped GEMMs, but the first version's permutation and weighted combine."""
     x_sorted, sorted_slots = _naive_permute(x, topk_idx)
-    offsets = torch.cumsum(moe_utils.tokens_per_expert(topk_idx, gate.shape[0]), 0).to(torch.int32)
-    h = F.silu(moe_utils.grouped_mm(x_sorted, gate, offsets)) * moe_utils.grouped_mm(x_sorted, up, offsets)
-    return _naive_unpermute(moe_utils.grouped_mm(h, down, offsets), sorted_slots, topk_weight, x.dtype)
+    offsets = torch.cumsum(kernels.tokens_per_expert(topk_idx, gate.shape[0]), 0).to(torch.int32)
+    h = F.silu(kernels.grouped_mm(x_sorted, gate, offsets)) * kernels.grouped_mm(x_sorted, up, offsets)
+    return _naive_unpermute(kernels.grouped_mm(h, down, offsets), sorted_slots, topk_weight, x.dtype)
 
 
 def gather_block(x, topk_idx, topk_weight, gate, up, down):
     """Separate gate and up GEMMs with the gather-only permutation and the folded routing weight."""
     K = topk_idx.shape[-1]
-    sorted_slots, sorted_tokens, slot_position, _ = moe_utils.sort_slots(topk_idx)
-    x_sorted = moe_utils.permute(x, sorted_tokens, slot_position, K)
-    offsets = torch.cumsum(moe_utils.tokens_per_expert(topk_idx, gate.shape[0]), 0).to(torch.int32)
+    sorted_slots, sorted_tokens, slot_position, _ = kernels.sort_slots(topk_idx)
+    x_sorted = kernels.permute(x, sorted_tokens, slot_position, K)
+    offsets = torch.cumsum(kernels.tokens_per_expert(topk_idx, gate.shape[0]), 0).to(torch.int32)
     weight = topk_weight.reshape(-1).index_select(0, sorted_slots).unsqueeze(-1).to(x.dtype)
-    h = F.silu(moe_utils.grouped_mm(x_sorted, gate, offsets)) * moe_utils.grouped_mm(x_sorted, up, offsets) * weight
-    return moe_utils.unpermute(moe_utils.grouped_mm(h, down, offsets), sorted_tokens, slot_position, K)
+    h = F.silu(kernels.grouped_mm(x_sorted, gate, offsets)) * kernels.grouped_mm(x_sorted, up, offsets) * weight
+    return kernels.unpermute(kernels.grouped_mm(h, down, offsets), sorted_tokens, slot_position, K)
 
 
 def make_variant(name, gate, up, down):
@@ -112,16 +112,16 @@ def make_variant(name, gate, up, down):
         params = [gate, up, down]
 
         def run_eager(x, i, w):
-            moe_utils.set_fused_kernels(False)  # these steps come before the fused kernels
+            kernels.set_fused_kernels(False)  # these steps come before the fused kernels
             return blocks[name](x, i, w, *params)
         return run_eager, params
     if name in ("fused", "grouped", "whole"):
         gate_up = torch.stack([gate, up], dim=1).detach().requires_grad_()
         down = down.detach().requires_grad_()
-        block = torch.compile(moe_utils.expert_swiglu, fullgraph=True) if name == "whole" else moe_utils.expert_swiglu
+        block = torch.compile(kernels.expert_swiglu, fullgraph=True) if name == "whole" else kernels.expert_swiglu
 
         def run(x, i, w):
-            moe_utils.set_fused_kernels(name == "grouped")
+            kernels.set_fused_kernels(name == "grouped")
             return block(x, i, w, gate_up, down)
         return run, [gate_up, down]
     raise ValueError(f"unknown variant {name!r}")
@@ -142,7 +142,7 @@ def time_variant(fn, params, x, topk_idx, topk_weight, warmup, iters):
         mid.record()
         y.backward(grad_out)
         end.record()
-        moe_utils.set_fused_kernels(True)
+        kernels.set_fused_kernels(True)
         end.synchronize()
         if i >= warmup:
             fwd_ms.append(start.elapsed_time(mid))
@@ -160,7 +160,7 @@ def check_against_float32(variant, device):
     y = fn(x_in, idx, w_in)
     grad_out = torch.randn_like(y)
     y.backward(grad_out)
-    moe_utils.set_fused_kernels(True)
+    kernels.set_fused_kernels(True)
     ref_params = [t.detach().float().requires_grad_() for t in (gate, up, down)]
     x_ref, w_ref = x.detach().float().requires_grad_(), w.detach().requires_grad_()
     ref = loop_block(x_ref, idx, w_ref, *ref_params)
@@ -212,7 +212,7 @@ def main(argv=None):
     device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"grouped_gemm package: {moe_utils.grouped_gemm_package_available()}")
+          f"grouped_gemm package: {kernels.grouped_gemm_package_available()}")
     variants = args.variants.split(",")
     for v in variants:
         print(f"check {v}: relative error vs float32 {check_against_float32(v, device):.2e}")

@@ -175,17 +175,19 @@ class Plans:
         self.cache = {}
 
     def get(self, micro, recompute, execution):
-        """execution: the variant's speed options, which the compiler costs (cost_model.Execution)."""
-        from compiler.compile import CompileRequest, compile_plan
+        """execution: the variant's speed options (options.ExecutionOptions fields; None or False
+        leaves one at its default), which the compiler costs."""
+        from compiler.compile import compile_plan
+        from options import CompileOptions
         tag = "_".join(f"{k}-{v}" for k, v in sorted(execution.items()) if v) or "plain"
         key = (micro, tag)
         if key not in self.cache:
             path = os.path.join(self.out_dir, "plans", f"plan_mb{micro}_{tag}.json")
-            plan, _ = compile_plan(CompileRequest(
+            plan, _ = compile_plan(CompileOptions(
                 model_id=self.model_id, plan_ngpus=1, runtime_ngpus=1, seq_len=self.args.seq_len,
                 micro_batch_size=micro, global_batch_size=self.args.global_batch_size,
                 mem_limit_gib=self.args.mem_limit_gib, device_profile=self.args.device_profile,
-                plan_out=path, report=False, execution=execution))
+                plan_out=path, report=False, **{k: v for k, v in execution.items() if v is not None}))
             self.cache[key] = (plan, path)
         plan, path = self.cache[key]
         if recompute in ("plan", plan.stages[0].recompute):
@@ -200,17 +202,18 @@ class Plans:
     def _recosted(self, plan, recompute):
         import copy
         from compiler.compile import _predicted
-        from compiler.cost_model import Candidate, CostModel, Execution, model_costs
+        from compiler.cost_model import Candidate, CostModel, model_costs
         from compiler.profiles import load_profile
         from compiler.trace import build_traced_model, trace_training_step
         from modeling import load_config
+        from options import ExecutionOptions
         config = load_config(self.model_id)
         dtype = plan.search_inputs.get("dtype", "bf16")
         graph = trace_training_step(build_traced_model(config, torch.bfloat16 if dtype == "bf16" else torch.float32),
                                     plan.search_inputs["micro_batch_size"], plan.search_inputs["seq_len"])
         cost_model = CostModel(model_costs(graph, config), load_profile(self.args.device_profile),
                                plan.search_inputs["mem_limit_gib"], dtype=dtype,
-                               execution=Execution.from_dict(plan.execution))
+                               execution=ExecutionOptions.from_plan(plan.execution))
         cand = Candidate(pp=1, dp=1, ep=1, tp=1, zero=plan.zero["level"],
                          zero_over_replicas=plan.zero["shard_over_replicas"], schedule=plan.schedule["name"],
                          splits=(), recompute=(recompute,), micro_batches=plan.schedule["micro_batches"])
@@ -288,7 +291,7 @@ def cleanup(device):
 def attention_kernel_check(config, seq_len, batch, device):
     """Which forced SDPA kernels run MLA's head dims here, and their forward + backward time on one
     layer's attention (a micro-benchmark beside the whole-step figures)."""
-    from modeling.modeling_deepseek_modifier import ATTENTION_BACKENDS, flash_attn_func
+    from modeling.kernels import ATTENTION_BACKENDS, flash_attn_func
     H = config.num_attention_heads
     d_qk = config.qk_nope_head_dim + config.qk_rope_head_dim
     d_v = config.v_head_dim
@@ -378,7 +381,7 @@ def main(argv=None):
         return 2
 
     from modeling import load_config
-    from runtime.trainer import init_distributed
+    from runtime.mesh import init_distributed
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="train_step_")
     os.makedirs(out_dir, exist_ok=True)
     model_id = write_model_dir(args.model_dir, out_dir, args.layers)

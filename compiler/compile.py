@@ -1,6 +1,6 @@
 """`train.py --run_mode compile`: trace, cost, search, and save the plan with its report.
 
-    compile_plan(CompileRequest(model_id=..., plan_ngpus=4, runtime_ngpus=8, ...)) -> (Plan, path)
+    compile_plan(CompileOptions(model_id=..., plan_ngpus=4, runtime_ngpus=8, ...)) -> (Plan, path)
 
 Runs on a CPU in seconds: the model is built on the meta device, so no weights are read or
 allocated, whatever the model's size.
@@ -10,113 +10,102 @@ import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from compiler.cost_model import CostModel, Execution, model_costs
+from compiler.cost_model import CostModel, model_costs
 from compiler.plan import Plan, PlanError, Stage, default_plan_path, model_fingerprint, model_name_of, summarize
 from compiler.profiles import load_profile
 from compiler.search import explain, search
 from compiler.trace import build_traced_model, trace_training_step
+from modeling import spec
+from options import CompileOptions, ExecutionOptions
 
 RUNNERS_UP = 8
 
 
-@dataclass
-class CompileRequest:
-    model_id: str
-    plan_ngpus: int
-    runtime_ngpus: Optional[int] = None
-    seq_len: int = 2048
-    micro_batch_size: int = 4
-    global_batch_size: int = 64
-    mem_limit_gib: float = 64.0
-    device_profile: str = "h100"
-    plan_out: Optional[str] = None
-    plans_dir: str = "plans"
-    report: bool = True
-    compute_dtype: Optional[str] = None   # bf16 (default on GPUs) or fp32 (default for the cpu profile)
-    plan_rank: int = 1                    # 1: the best plan; K: the K-th best (to measure runners-up)
-    execution: Optional[dict] = None      # the runtime speed options to cost (see cost_model.Execution)
-
-
-def check_request(req: CompileRequest):
+def check_options(options: CompileOptions):
     """Flag errors before any work; each message names the flag and the fix."""
-    if req.plan_ngpus is None or req.plan_ngpus < 1:
+    if not options.model_id:
+        raise PlanError("--run_mode compile needs --model_id")
+    if options.plan_ngpus is None or options.plan_ngpus < 1:
         raise PlanError("--plan_ngpus must be a positive number of devices")
-    runtime = req.runtime_ngpus or req.plan_ngpus
-    if runtime % req.plan_ngpus:
-        raise PlanError(f"--runtime_ngpus {runtime} is not a multiple of --plan_ngpus {req.plan_ngpus}: the plan is "
-                        "replicated runtime_ngpus / plan_ngpus times; choose a multiple")
-    for flag, value in (("--seq_len", req.seq_len), ("--micro_batch_size", req.micro_batch_size),
-                        ("--global_batch_size", req.global_batch_size)):
+    runtime = options.runtime_ngpus or options.plan_ngpus
+    if runtime % options.plan_ngpus:
+        raise PlanError(f"--runtime_ngpus {runtime} is not a multiple of --plan_ngpus {options.plan_ngpus}: the plan "
+                        "is replicated runtime_ngpus / plan_ngpus times; choose a multiple")
+    for flag, value in (("--seq_len", options.seq_len), ("--micro_batch_size", options.micro_batch_size),
+                        ("--global_batch_size", options.global_batch_size)):
         if value < 1:
             raise PlanError(f"{flag} must be positive, got {value}")
-    if req.seq_len < 2:
+    if options.seq_len < 2:
         raise PlanError("--seq_len must be at least 2 (inputs and next-token labels)")
-    if req.global_batch_size % req.micro_batch_size:
-        raise PlanError(f"--global_batch_size {req.global_batch_size} is not a multiple of --micro_batch_size "
-                        f"{req.micro_batch_size}")
-    if req.mem_limit_gib <= 0:
+    if options.global_batch_size % options.micro_batch_size:
+        raise PlanError(f"--global_batch_size {options.global_batch_size} is not a multiple of --micro_batch_size "
+                        f"{options.micro_batch_size}")
+    if options.mem_limit_gib <= 0:
         raise PlanError("--mem_limit_gib must be positive")
-    if req.plan_rank < 1:
-        raise PlanError(f"--plan_rank must be 1 (the best plan) or more, got {req.plan_rank}")
+    if options.plan_rank < 1:
+        raise PlanError(f"--plan_rank must be 1 (the best plan) or more, got {options.plan_rank}")
+    if options.ce_chunk_tokens < 0:
+        raise PlanError(f"--ce_chunk_tokens must be 0 (plain loss) or positive, got {options.ce_chunk_tokens}")
+    for f in dataclasses.fields(ExecutionOptions):
+        value, choices = getattr(options, f.name), f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise PlanError(f"--{f.name} {value}: choose one of {', '.join(choices)}")
 
 
 def _log(msg):
     print(f"[compile] {msg}", file=sys.stderr, flush=True)
 
 
-def compile_plan(req: CompileRequest):
+def compile_plan(options: CompileOptions):
     """Returns (plan, plan_path). Raises PlanError, ProfileError, ModelDirError or NoPlanFits."""
     from modeling import load_config
 
-    check_request(req)
-    runtime = req.runtime_ngpus or req.plan_ngpus
+    check_options(options)
+    runtime = options.runtime_ngpus or options.plan_ngpus
     started = time.perf_counter()
-    config = load_config(req.model_id)
-    profile = load_profile(req.device_profile)
-    mem_limit = req.mem_limit_gib
+    config = load_config(options.model_id)
+    profile = load_profile(options.device_profile)
+    mem_limit = options.mem_limit_gib
     if mem_limit > profile.memory_gib:
         _log(f"--mem_limit_gib {mem_limit:g} exceeds the {profile.memory_gib:g} GiB of a {profile.device_name}; "
              f"using {profile.memory_gib:g} GiB")
         mem_limit = profile.memory_gib
 
-    dtype = req.compute_dtype or ("fp32" if profile.name == "cpu" else "bf16")
+    dtype = options.compute_dtype or ("fp32" if profile.name == "cpu" else "bf16")
     if dtype not in ("bf16", "fp32"):
         raise PlanError(f"compute dtype {dtype!r}: use bf16 or fp32")
-    _log(f"tracing the training form of {req.model_id} on the meta device "
-         f"(micro-batch {req.micro_batch_size} x {req.seq_len} tokens, {dtype})")
+    _log(f"tracing the training form of {options.model_id} on the meta device "
+         f"(micro-batch {options.micro_batch_size} x {options.seq_len} tokens, {dtype})")
     model = build_traced_model(config, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-    graph = trace_training_step(model, req.micro_batch_size, req.seq_len)
+    graph = trace_training_step(model, options.micro_batch_size, options.seq_len)
     _log(f"traced {len(graph.ops)} ops ({graph.total_flops() / 1e12:.2f} TFLOP per micro-batch, "
          f"{len(graph.custom_ops())} annotated custom-op calls) in {graph.trace_seconds:.1f} s")
 
     costs = model_costs(graph, config)
-    execution = {k: v for k, v in (req.execution or {}).items() if v}
-    cost_model = CostModel(costs, profile, mem_limit, runtime_replicas=runtime // req.plan_ngpus, dtype=dtype,
-                           execution=Execution.from_dict(execution))
-    _log(f"searching plans for {req.plan_ngpus} devices with the {profile.name} profile, "
+    cost_model = CostModel(costs, profile, mem_limit, runtime_replicas=runtime // options.plan_ngpus, dtype=dtype,
+                           execution=options.execution())
+    _log(f"searching plans for {options.plan_ngpus} devices with the {profile.name} profile, "
          f"{mem_limit:g} GiB per device")
-    result = search(cost_model, req.plan_ngpus, runtime, req.global_batch_size, req.micro_batch_size)
+    result = search(cost_model, options.plan_ngpus, runtime, options.global_batch_size, options.micro_batch_size)
     _log(f"scored {result.considered} candidates, {len(result.ranked)} fit")
-    if req.plan_rank > 1:
-        if req.plan_rank > len(result.ranked):
-            raise PlanError(f"--plan_rank {req.plan_rank}: only {len(result.ranked)} candidates fit; choose at most "
-                            f"{len(result.ranked)}")
-        chosen = result.ranked[req.plan_rank - 1]
-        _log(f"--plan_rank {req.plan_rank}: writing {chosen.candidate.describe()} instead of the best, "
+    if options.plan_rank > 1:
+        if options.plan_rank > len(result.ranked):
+            raise PlanError(f"--plan_rank {options.plan_rank}: only {len(result.ranked)} candidates fit; choose at "
+                            f"most {len(result.ranked)}")
+        chosen = result.ranked[options.plan_rank - 1]
+        _log(f"--plan_rank {options.plan_rank}: writing {chosen.candidate.describe()} instead of the best, "
              f"{result.best.candidate.describe()}")
         result = dataclasses.replace(result, best=chosen,
                                      ranked=[chosen] + [r for r in result.ranked if r is not chosen])
 
-    name = model_name_of(req.model_id)
-    plan = build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dtype)
-    path = req.plan_out or default_plan_path(name, req.plan_ngpus, req.plans_dir)
+    name = model_name_of(options.model_id)
+    plan = build_plan(name, config, options, runtime, mem_limit, profile, graph, result, dtype)
+    path = options.plan_out or default_plan_path(name, options.plan_ngpus, options.plans_dir)
     plan.save(path)
-    if req.report:
+    if options.report:
         from compiler.report import write_report
         stem = os.path.splitext(path)[0]
         write_report(plan, stem + ".md", stem + ".png")
@@ -125,22 +114,23 @@ def compile_plan(req: CompileRequest):
 
 
 def _ops_section(cand, graph):
+    """The plan's `ops`: one entry per op family of the spec (spec.OP_FAMILIES), keyed by the family's
+    name, with the partition the mesh gives it (spec.partitions_for_mesh: expert parallel where the
+    family has it and ep > 1, else tensor parallel where it has it and tp > 1, else replicate), the
+    degrees, for the routed experts the token dispatch, and the family's annotation; then one entry
+    per registered custom op the trace met (deepseek::moe_route), with how its batch dim is split."""
     tp, ep = cand.tp, cand.ep
-
-    def split(kind):
-        return {"partition": kind if tp > 1 else "replicate", "tp": tp}
-
-    data_axes = [axis for axis, size in (("dp", cand.dp), ("ep", cand.ep)) if size > 1]
-    ops = {
-        "embedding": {"partition": "replicate", "tp": tp},
-        "attention": split("heads"),
-        "dense_mlp": split("intermediate"),
-        "shared_experts": split("intermediate"),
-        "experts": {"partition": "expert" if ep > 1 else ("intermediate" if tp > 1 else "replicate"),
-                    "ep": ep, "tp": tp, "dispatch": "all_to_all" if ep > 1 else "local"},
-        "lm_head": {"partition": "replicate", "tp": tp},
-    }
+    ops = {}
+    for name, partition in spec.partitions_for_mesh(tp, ep).items():
+        family = spec.OP_FAMILIES[name]
+        entry = {"partition": partition, "tp": tp}
+        if family.expert_parallel:
+            entry["ep"] = ep
+            entry["dispatch"] = "all_to_all" if partition == family.expert_parallel else "local"
+        entry["annotation"] = family.annotation
+        ops[name] = entry
     from compiler.annotations import parse_annotation
+    data_axes = [axis for axis, size in (("dp", cand.dp), ("ep", cand.ep)) if size > 1]
     for op in graph.custom_ops():
         qualname = op.name.replace(".", "::", 1)
         if qualname in ops:
@@ -182,7 +172,7 @@ def assign_chunks(stages, virtual_stages):
         stage.layers = [stage.chunks[0][0], stage.chunks[-1][1]]
 
 
-def build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dtype):
+def build_plan(name, config, options, runtime, mem_limit, profile, graph, result, dtype):
     best = result.best.candidate
     fields, digest = model_fingerprint(config)
     layer_ranges = best.stage_layers(config.num_hidden_layers)
@@ -197,13 +187,13 @@ def build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dt
     alternatives += [{"summary": r.candidate.describe(), "predicted": _predicted(r.prediction), "rejected": why}
                      for r, why in result.rejected[:3]]
     return Plan(
-        model={"name": name, "model_id": req.model_id, "model_type": config.model_type,
+        model={"name": name, "model_id": options.model_id, "model_type": config.model_type,
                "fingerprint": fields, "fingerprint_sha": digest},
-        search_inputs={"seq_len": req.seq_len, "micro_batch_size": req.micro_batch_size,
-                       "global_batch_size": req.global_batch_size, "runtime_ngpus": runtime,
+        search_inputs={"seq_len": options.seq_len, "micro_batch_size": options.micro_batch_size,
+                       "global_batch_size": options.global_batch_size, "runtime_ngpus": runtime,
                        "device_profile": profile.name, "mem_limit_gib": mem_limit,
                        "dtype": dtype, "device_name": profile.device_name},
-        plan_ngpus=req.plan_ngpus,
+        plan_ngpus=options.plan_ngpus,
         mesh={"pp": best.pp, "dp": best.dp, "ep": best.ep, "tp": best.tp},
         stages=stages,
         ops=_ops_section(best, graph),
@@ -213,7 +203,7 @@ def build_plan(name, config, req, runtime, mem_limit, profile, graph, result, dt
         predicted=_predicted(result.best.prediction),
         alternatives=alternatives,
         explanation=explain(result),
-        execution={k: v for k, v in (req.execution or {}).items() if v},
+        execution=options.costed(),
     )
 
 

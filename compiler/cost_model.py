@@ -5,14 +5,20 @@ The trace gives, per decoder layer kind (dense or MoE), embedding and head, and 
 FLOPs, the grouped GEMMs with their rows per expert, the bytes moved by everything else, the bytes
 autograd saves, and the parameter counts. A candidate (`Candidate`) fixes the mesh degrees, the
 layer split, ZeRO level, recompute per stage and schedule; `evaluate` turns it into predicted time
-and memory per device. Every assumption is a named constant or a documented formula here, so the
-calibration against measured runs (bench/RESULTS.md) has one place to change.
+and memory per device, for the execution options (`options.ExecutionOptions`: compiled layers,
+chunked loss, AdamW kind, gradient-sync policy) the plan records. Which families divide over the
+tensor-parallel axis, and the kind of each decoder layer, are the spec's (`modeling.spec`). Every
+assumption is a named constant or a documented formula here, so the calibration against measured
+runs (bench/RESULTS.md) has one place to change.
 """
 
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
+from compiler.schedule import pipeline_time
 from compiler.trace import OpGraph
+from modeling import spec
+from options import ExecutionOptions
 
 GIB = 2 ** 30
 FP32 = 4
@@ -32,28 +38,6 @@ FSDP_OVERLAP = 0.85
 # How much busier the busiest expert-parallel rank is than the average (uniform routing).
 EP_IMBALANCE = 1.05
 
-# How each op family's work and parameters split over the tensor-parallel degree (1: not split).
-TP_SPLIT = {"attention": True, "norm": False, "dense_mlp": True, "router": False, "experts": True,
-            "shared_experts": True, "embed": False, "head": False}
-
-
-@dataclass(frozen=True)
-class Execution:
-    """How the runtime will execute the plan's steps (train.py's speed flags, recorded in the plan);
-    the eager trace does not see them, so the cost model prices them here."""
-
-    compiled_layers: bool = False     # --compile layer: each decoder layer one torch.compile region
-    loss_chunk_tokens: int = 0        # --ce_chunk_tokens: the loss from hidden states, N positions at a time
-    deferred_grad_sync: bool = False  # --defer_grad_sync: one cast and gradient reduction per step (ZeRO 0)
-    fused_adamw: bool = False         # --fused_adamw
-
-    @classmethod
-    def from_dict(cls, d):
-        d = d or {}
-        return cls(compiled_layers=d.get("compile") == "layer", loss_chunk_tokens=int(d.get("ce_chunk_tokens") or 0),
-                   deferred_grad_sync=bool(d.get("defer_grad_sync")), fused_adamw=bool(d.get("fused_adamw")))
-
-
 # Bytes a fused chunked cross-entropy moves per logit: the bf16 logits written by the GEMM and read
 # once, the bf16 gradient of the logits written (the float32 softmax stays in registers).
 CHUNKED_LOSS_BYTES_PER_LOGIT = 6
@@ -63,6 +47,7 @@ CHUNKED_LOSS_WORKING_BYTES = 8
 # write 2 bytes) and its bf16 gradient accumulated into the float32 one (read 2 + 4, write 4).
 CAST_BYTES_PER_PARAM = 16
 LAYER_KINDS = ("dense", "moe")
+
 
 
 @dataclass
@@ -129,11 +114,10 @@ def _family_costs(ops, num_groups):
 def model_costs(graph: OpGraph, config) -> ModelCosts:
     """Condenses a trace into one LayerKind per distinct block. Layers of one kind must cost the
     same (they do for DeepSeek: all dense layers alike, all MoE layers alike)."""
-    from modeling.modeling_deepseek import is_moe_layer
     by_layer = {}
     for op in graph.ops:
         by_layer.setdefault(op.layer, []).append(op)
-    layer_kinds = ["moe" if is_moe_layer(config, i) else "dense" for i in range(config.num_hidden_layers)]
+    layer_kinds = spec.layer_kinds(config)
     compute_bytes = graph.dtype.itemsize
     act_bytes = graph.batch_size * graph.seq_len * config.hidden_size * compute_bytes
     kinds = {}
@@ -220,9 +204,19 @@ class Prediction:
 
 class CostModel:
     def __init__(self, costs: ModelCosts, profile, mem_limit_gib, runtime_replicas=1, dtype="bf16",
-                 execution: Execution = Execution()):
+                 execution: ExecutionOptions = None):
+        """execution: how the run computes a step (options.ExecutionOptions, as the plan records it);
+        the eager trace does not see these options, so they are priced here."""
         self.costs = costs
+        execution = execution if execution is not None else ExecutionOptions()
         self.execution = execution
+        # --compile layer: each decoder layer one torch.compile region
+        self.compiled_layers = execution.compile == "layer"
+        # --ce_chunk_tokens: the loss from hidden states, N positions at a time (0: full logits)
+        self.loss_chunk_tokens = int(execution.ce_chunk_tokens or 0)
+        # --defer_grad_sync: one cast and gradient reduction per step (ZeRO 0)
+        self.deferred_grad_sync = bool(execution.defer_grad_sync)
+        self.fused_adamw = bool(execution.fused_adamw)
         self.dtype = dtype  # compute dtype: which of the profile's GEMM curves applies
         self.profile = profile
         self.mem_limit_gib = mem_limit_gib
@@ -232,10 +226,10 @@ class CostModel:
 
     # ---- compute -------------------------------------------------------------------------------
     def _family_time(self, family, cost: FamilyCost, tp, ep, kind_name=None):
-        split = tp if TP_SPLIT.get(family, False) else 1
+        split = tp if spec.splits_with_tensor_parallel(family) else 1
         p = self.profile
         fused = p.execution_factor("compiled_layer_bytes") \
-            if self.execution.compiled_layers and kind_name in LAYER_KINDS else 1.0
+            if self.compiled_layers and kind_name in LAYER_KINDS else 1.0
         # GEMM throughput is looked up by the GEMM's FLOPs (matmul curve) or rows per expert
         # (grouped curve); the profile's m/n/k arguments are used so that 2mnk == FLOPs.
         t = sum(p.matmul_time(f / split / 2, 1, 1, self.dtype) for f in cost.gemm_flops)
@@ -255,7 +249,7 @@ class CostModel:
             return 0.0
         c = self.costs
         logits = c.batch_size * c.seq_len * c.vocab_size
-        chunks = max(1, -(-c.batch_size * c.seq_len // self.execution.loss_chunk_tokens))
+        chunks = max(1, -(-c.batch_size * c.seq_len // self.loss_chunk_tokens))
         return self.profile.memory_time(CHUNKED_LOSS_BYTES_PER_LOGIT * logits) + 4 * chunks * self.profile.launch_s
 
     def kind_time(self, kind: LayerKind, tp, ep):
@@ -264,7 +258,7 @@ class CostModel:
         if key not in self._cache:
             fwd = sum(self._family_time(f, c, tp, ep, kind.name) for f, c in kind.fwd.items())
             bwd = sum(self._family_time(f, c, tp, ep, kind.name) for f, c in kind.bwd.items())
-            if kind.name == "head" and self.execution.loss_chunk_tokens:
+            if kind.name == "head" and self.loss_chunk_tokens:
                 # the GEMMs stay; the eager loss's memory traffic (full float32 logits, softmax,
                 # their gradient) is replaced by the fused chunk kernel's
                 def gemms(fams):
@@ -296,7 +290,7 @@ class CostModel:
         """(dense, expert) parameters of one block on one device."""
         dense = expert = 0.0
         for family, n in kind.params.items():
-            split = tp if TP_SPLIT.get(family, False) else 1
+            split = tp if spec.splits_with_tensor_parallel(family) else 1
             if family == "experts":
                 expert += n / split / ep
             else:
@@ -340,9 +334,9 @@ class CostModel:
             activations = sum(saved_per_block) * in_flight
         # the backward of the largest block needs room for its gradients next to what it saved
         transient = max(saved_per_block)
-        if self.execution.loss_chunk_tokens and any(b.name == "head" for b in blocks):
+        if self.loss_chunk_tokens and any(b.name == "head" for b in blocks):
             # the chunked loss holds one chunk's logits, softmax and gradient at a time
-            chunk = min(self.execution.loss_chunk_tokens, self.costs.batch_size * self.costs.seq_len)
+            chunk = min(self.loss_chunk_tokens, self.costs.batch_size * self.costs.seq_len)
             transient = max([s for b, s in zip(blocks, saved_per_block) if b.name != "head"]
                             + [CHUNKED_LOSS_WORKING_BYTES * chunk * self.costs.vocab_size])
         total = (state + working + grads_working + activations + transient) * FRAGMENTATION + self.reserved_gib * GIB
@@ -360,10 +354,11 @@ class CostModel:
         return cand.dp * cand.ep * outer, cand.dp * outer
 
     def _saved(self, block, tp):
-        if block.name == "head" and self.execution.loss_chunk_tokens:
+        if block.name == "head" and self.loss_chunk_tokens:
             return block.input_bytes  # only the final hidden states: the chunks' logits are not kept
-        saved = sum(b / (tp if TP_SPLIT.get(f, False) and f != "experts" else 1) for f, b in block.saved_bytes.items())
-        if self.execution.compiled_layers and block.name in LAYER_KINDS:
+        saved = sum(b / (tp if spec.splits_with_tensor_parallel(f) and f != "experts" else 1)
+                    for f, b in block.saved_bytes.items())
+        if self.compiled_layers and block.name in LAYER_KINDS:
             saved *= self.profile.execution_factor("compiled_layer_saved")
         return saved
 
@@ -444,7 +439,7 @@ class CostModel:
             shard = params / self.shard_degrees(cand)[0]
             # AdamW reads and writes fp32 weight, gradient and two moments
             adamw = self.profile.memory_time(2 * STATE_BYTES_PER_PARAM * shard)
-            if not self.execution.fused_adamw:
+            if not self.fused_adamw:
                 adamw *= self.profile.execution_factor("foreach_adamw")
             optimizer = max(optimizer, adamw)
             casts = max(casts, self._cast_time(cand, params))
@@ -452,13 +447,8 @@ class CostModel:
             mem.append(m)
         worst = max(x["forward"] + x["backward"] for x in stage_f_b)
         m_count = cand.micro_batches
-        if cand.pp == 1:
-            pipeline = m_count * worst
-            bubble = 0.0
-        else:
-            bubble = (cand.pp - 1) / cand.virtual_stages * worst
-            pipeline = m_count * worst + bubble
-        cast_total = casts * (1 if self.execution.deferred_grad_sync else m_count)
+        pipeline, bubble = pipeline_time(cand.pp, m_count, cand.virtual_stages, worst)
+        cast_total = casts * (1 if self.deferred_grad_sync else m_count)
         step = pipeline + per_step + optimizer + cast_total
         devices_per_stage = cand.dp * cand.ep * cand.tp
         for m in mem:

@@ -17,6 +17,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
+from errors import UserError, read_json
+from modeling import spec
+
 PLAN_VERSION = 1
 MESH_AXES = ("pp", "dp", "ep", "tp")
 # ZeRO levels as FSDP2 runs them: 0 replicates everything (gradients all-reduced); 2 shards fp32
@@ -26,25 +29,15 @@ MESH_AXES = ("pp", "dp", "ep", "tp")
 ZERO_LEVELS = (0, 2, 3)
 RECOMPUTE_MODES = ("none", "full")
 SCHEDULES = ("GradAccum", "1F1B", "Interleaved1F1B")
-EXPERT_PARTITIONS = ("replicate", "expert", "intermediate")
-
-# Config fields that fix the shapes of every tensor: a plan is valid for a model iff these agree.
-FINGERPRINT_FIELDS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "n_routed_experts",
-    "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "moe_layer_freq",
-    "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-    "tie_word_embeddings",
-)
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan that cannot be read, or does not fit the model or the run."""
 
 
 def model_fingerprint(config):
-    """The shape-fixing config fields (absent ones as None) and a short hash of them."""
-    fields = {name: getattr(config, name, None) for name in FINGERPRINT_FIELDS}
+    """The shape-fixing config fields (spec.FINGERPRINT_FIELDS, absent ones as None) and a short hash."""
+    fields = {name: getattr(config, name, None) for name in spec.FINGERPRINT_FIELDS}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return fields, digest
 
@@ -69,7 +62,7 @@ class Plan:
     plan_ngpus: int
     mesh: Dict[str, int]       # axis -> size, axes in MESH_AXES order
     stages: List[Stage]
-    ops: Dict[str, Dict]       # partition of each op family and each annotated op
+    ops: Dict[str, Dict]       # op family (spec.OP_FAMILIES) -> {"partition", ...}; "ns::op" -> annotated op
     zero: Dict                 # level (ZERO_LEVELS), shard_over_replicas (bool)
     schedule: Dict             # name, micro_batches, virtual_stages
     predicted: Dict            # step_time_s, peak_memory_gib (list per device), mfu, ...
@@ -81,13 +74,6 @@ class Plan:
     execution: Dict = field(default_factory=dict)
 
     # ---- derived views -----------------------------------------------------------------------
-    @property
-    def recompute(self):
-        return {f"stage{s.index}": s.recompute for s in self.stages}
-
-    def degree(self, axis):
-        return self.mesh[axis]
-
     def device_coords(self, device):
         """Row-major coordinates of a plan device in the mesh, as {axis: index}."""
         coords, rest = {}, device
@@ -96,14 +82,41 @@ class Plan:
             rest //= self.mesh[axis]
         return {axis: coords[axis] for axis in MESH_AXES}
 
-    def micro_batches(self):
-        return self.schedule["micro_batches"]
+    def op_partitions(self, source="<plan>"):
+        """{family: partition} for every op family of the model (spec.OP_FAMILIES): the plan's `ops`
+        entry of the family, "replicate" where it has none. Each is one of the family's declared
+        partitions, and one that splits over a mesh axis (the family's tensor_parallel over tp, its
+        expert_parallel over ep) needs that axis larger than 1. The one statement of how the
+        model is split; `validate` calls it, and the runtime applies what it returns."""
+        if not isinstance(self.ops, dict):
+            raise PlanError(f"{source}: field `ops` must be an object of op family -> partition; recompile the plan")
+        for key in self.ops:
+            if key not in spec.OP_FAMILIES and "::" not in key:
+                raise PlanError(f"{source}: field `ops.{key}` is not an op family of the model (families: "
+                                f"{', '.join(spec.OP_FAMILIES)}; annotated ops are named ns::op); recompile the plan")
+        partitions = {}
+        for name, family in spec.OP_FAMILIES.items():
+            entry = self.ops.get(name)
+            if entry is None:
+                partitions[name] = "replicate"
+                continue
+            partition = entry.get("partition") if isinstance(entry, dict) else None
+            if partition not in family.partitions:
+                raise PlanError(f"{source}: field `ops.{name}.partition` is {partition!r}; the {name} family admits "
+                                f"{list(family.partitions)}; use one of them or recompile the plan")
+            axis = ("tp" if partition == family.tensor_parallel
+                    else "ep" if partition == family.expert_parallel else None)
+            if axis is not None and self.mesh.get(axis, 1) <= 1:
+                raise PlanError(f"{source}: field `ops.{name}.partition` is {partition!r}, which splits over the "
+                                f"{axis} axis, but mesh.{axis} is {self.mesh.get(axis, 1)}; set the partition to "
+                                f"replicate or recompile the plan")
+            partitions[name] = partition
+        return partitions
 
     # ---- JSON ----------------------------------------------------------------------------------
     def to_dict(self):
         d = asdict(self)
-        d["recompute"] = self.recompute
-        order = ["version", "model", "search_inputs", "plan_ngpus", "mesh", "stages", "ops", "recompute",
+        order = ["version", "model", "search_inputs", "plan_ngpus", "mesh", "stages", "ops",
                  "zero", "schedule", "execution", "predicted", "explanation", "alternatives"]
         return {k: d[k] for k in order}
 
@@ -148,12 +161,7 @@ class Plan:
         if not os.path.isfile(path):
             raise PlanError(f"plan file {path} not found; create it with `python train.py --run_mode compile ...` "
                             "or pass another --plan")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{path}: not valid JSON ({e}); recompile the plan") from None
-        return cls.from_dict(d, source=path)
+        return cls.from_dict(read_json(path, PlanError, "recompile the plan"), source=path)
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self, source="<plan>"):
@@ -217,9 +225,7 @@ class Plan:
             bad("schedule.micro_batches", f"must be a positive integer, got {mb!r}")
         if self.mesh["pp"] > 1 and mb < self.mesh["pp"]:
             bad("schedule.micro_batches", f"{mb} is fewer than the {self.mesh['pp']} pipeline stages")
-        experts = self.ops.get("experts", {}).get("partition")
-        if experts is not None and experts not in EXPERT_PARTITIONS:
-            bad("ops.experts.partition", f"{experts!r} is not one of {EXPERT_PARTITIONS}")
+        self.op_partitions(source)
         peaks = self.predicted.get("peak_memory_gib")
         if not isinstance(peaks, list) or len(peaks) != self.plan_ngpus:
             bad("predicted.peak_memory_gib", f"must list one value per plan device ({self.plan_ngpus})")
@@ -251,6 +257,16 @@ def model_name_of(model_id):
     return os.path.basename(os.path.normpath(model_id)).lower()
 
 
+def split_ops_text(plan):
+    """The op families the plan splits, e.g. "experts expert (all_to_all), others replicated"."""
+    split = []
+    for name, partition in plan.op_partitions().items():
+        if partition != "replicate":
+            dispatch = plan.ops.get(name, {}).get("dispatch")
+            split.append(f"{name} {partition}" + (f" ({dispatch})" if dispatch and dispatch != "local" else ""))
+    return ", ".join(split + ["others replicated"]) if split else "all replicated"
+
+
 def summarize(plan):
     """A few lines a person reads first."""
     m = plan.mesh
@@ -263,8 +279,7 @@ def summarize(plan):
         f"schedule {plan.schedule['name']} with {plan.schedule['micro_batches']} micro-batches",
         "  stages: " + ", ".join(f"{s.index}: layers {s.layers[0]}-{s.layers[1] - 1} on devices {s.devices}"
                                  f" (recompute {s.recompute})" for s in plan.stages),
-        f"  experts: {plan.ops.get('experts', {}).get('partition')}; attention: "
-        f"{plan.ops.get('attention', {}).get('partition')}",
+        "  ops: " + split_ops_text(plan),
         f"  predicted: step {p['step_time_s']:.3f} s, MFU {100 * p.get('mfu', 0):.1f} %, peak memory "
         f"{max(p['peak_memory_gib']):.1f} GiB (limit {plan.search_inputs.get('mem_limit_gib')} GiB)",
     ]

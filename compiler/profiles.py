@@ -74,6 +74,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple, Union
 
+from errors import UserError
+
 __all__ = [
     "COLLECTIVE_OPS",
     "Curve",
@@ -100,7 +102,7 @@ _DTYPE_ALIASES = {
 }
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError):
     """A device profile that cannot be found or read, or a question it has no numbers for."""
 
 

@@ -19,6 +19,8 @@ from typing import List, Optional, Tuple
 
 from compiler.cost_model import Candidate, CostModel, Prediction
 
+from errors import UserError
+
 MAX_SPLITS = 300
 # The search emits only what the runtime executes: ZeRO shards confined to one replica (HSDP),
 # tensor parallelism together with expert parallelism or with ZeRO 2/3 are not executed yet, so
@@ -27,7 +29,7 @@ MAX_TP = 8
 HSDP = False
 
 
-class NoPlanFits(ValueError):
+class NoPlanFits(UserError):
     """Nothing fits the memory limit; the message gives the smallest peak found and what to change."""
 
 

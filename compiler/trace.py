@@ -7,10 +7,11 @@ FLOPs, bytes read and written, and, in the forward, the bytes autograd saves for
 Registered custom ops (the router) stay single nodes and carry their annotation; an annotation
 that disagrees with the traced shapes is an error naming the op.
 
-The cost model consumes the summary (`OpGraph.layer_costs`), not the raw list.
+Which op family and decoder layer a module path belongs to is the spec's answer
+(`modeling.spec.family_of_path`, `layer_of_path`). The cost model (`cost_model.model_costs`) reads
+the op list, the saved bytes and the parameter counts, each keyed by (layer, family).
 """
 
-import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from compiler.annotations import check_shapes, get_op_annotation
+from modeling import spec
 
 # Ops that only reinterpret memory: no bytes move.
 _VIEW_OPS = {
@@ -31,9 +33,6 @@ _VIEW_OPS = {
     "aten.new_empty_strided", "aten._to_copy_noop", "aten.chunk", "aten.unflatten", "aten.flatten",
     "aten.view_as", "aten.reshape", "aten.narrow", "aten.diagonal", "aten.real", "aten.imag",
 }
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-
-CATEGORIES = ("embed", "attention", "norm", "dense_mlp", "router", "experts", "shared_experts", "head")
 
 
 @dataclass
@@ -41,8 +40,8 @@ class OpRecord:
     name: str
     phase: str                     # "fwd" | "bwd"
     module_path: str
-    layer: Optional[int]
-    category: str
+    layer: Optional[int]           # decoder layer (spec.layer_of_path), None outside the layers
+    category: str                  # op family (a key of spec.OP_FAMILIES, from spec.family_of_path)
     in_shapes: List[Optional[Tuple[int, ...]]]
     out_shapes: List[Optional[Tuple[int, ...]]]
     flops: float
@@ -67,42 +66,6 @@ class OpGraph:
 
     def custom_ops(self):
         return [op for op in self.ops if op.annotation is not None]
-
-    def layer_costs(self):
-        """{(layer, category, phase): {"flops", "bytes", "ops"}} with layer None for embed/head."""
-        costs = defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "ops": 0})
-        for op in self.ops:
-            c = costs[(op.layer, op.category, op.phase)]
-            c["flops"] += op.flops
-            c["bytes"] += op.bytes
-            c["ops"] += 1
-        return dict(costs)
-
-
-def _category(path):
-    """Which family of ops a module path belongs to."""
-    if path.startswith("model.embed_tokens"):
-        return "embed"
-    if ".self_attn" in path:
-        return "attention"
-    if path.endswith("layernorm") or ".input_layernorm" in path or ".post_attention_layernorm" in path:
-        return "norm"
-    if re.search(r"\.mlp\.gate(\.|$)", path):
-        return "router"
-    if ".mlp.experts" in path:
-        return "experts"
-    if ".mlp.shared_experts" in path:
-        return "shared_experts"
-    if ".mlp" in path:
-        return "dense_mlp"
-    if _LAYER.search(path):
-        return "norm"  # residual adds and the like, inside a decoder layer
-    return "head"      # final norm, lm_head, loss and everything outside the layers
-
-
-def _layer(path):
-    m = _LAYER.search(path)
-    return int(m.group(1)) if m else None
 
 
 def _shape(x):
@@ -184,8 +147,8 @@ class _Recorder(TorchDispatchMode):
                 op_in = [_shape(a) if isinstance(a, torch.Tensor) else None for a in args]
                 check_shapes(registered, op_in, out_shapes, qualname)
                 annotation = registered.text
-        self.ops.append(OpRecord(name, self.phase, path, _layer(path), _category(path), in_shapes, out_shapes,
-                                 float(flops), float(moved), annotation))
+        self.ops.append(OpRecord(name, self.phase, path, spec.layer_of_path(path), spec.family_of_path(path),
+                                 in_shapes, out_shapes, float(flops), float(moved), annotation))
         return out
 
 
@@ -203,14 +166,23 @@ def _tag_autograd_nodes(outputs, path):
 
 
 def trace_training_step(model, batch_size, seq_len):
-    """Forward and backward of a (meta-device) training-form model on a [batch_size, seq_len] batch."""
+    """Forward and backward of a (meta-device) training-form model on a [batch_size, seq_len] batch.
+
+    Saved bytes are what the forward leaves for the backward: each distinct tensor (a view counts as
+    its base) that autograd saves during the forward, charged to the module that saved it first.
+    Tensors saved during the backward (the router's backward recomputes its gate with autograd) are
+    transient working memory of one layer's backward, not activations, and are not counted."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     path_stack: List[str] = []
     saved = defaultdict(float)
-    seen_saved = set()
+    # id -> the saved tensor itself: holding it keeps its id from being reused by a later tensor for
+    # the whole trace (ids of dead tensors are reused, which would skip tensors at random). On the
+    # meta device holding them costs nothing, and the forward holds them until the backward anyway.
+    seen_saved: Dict[int, torch.Tensor] = {}
     params = {id(p) for p in model.parameters()}
+    recorder = _Recorder(path_stack)
     handles = []
     for path, module in model.named_modules():
         def pre_hook(mod, inputs, path=path):
@@ -224,13 +196,12 @@ def trace_training_step(model, batch_size, seq_len):
 
     def pack(t):
         base = t._base if t._base is not None else t
-        if id(base) not in params and id(t) not in params and id(base) not in seen_saved:
-            seen_saved.add(id(base))
+        if recorder.phase == "fwd" and id(base) not in params and id(t) not in params and id(base) not in seen_saved:
+            seen_saved[id(base)] = base
             path = path_stack[-1] if path_stack else ""
-            saved[(_layer(path), _category(path))] += _tensor_bytes(base)
+            saved[(spec.layer_of_path(path), spec.family_of_path(path))] += _tensor_bytes(base)
         return t
 
-    recorder = _Recorder(path_stack)
     input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
     model.train()
     try:
@@ -241,9 +212,10 @@ def trace_training_step(model, batch_size, seq_len):
     finally:
         for h in handles:
             h.remove()
+        seen_saved.clear()
     param_counts = defaultdict(int)
     for name, p in model.named_parameters():
-        param_counts[(_layer(name), _category(name))] += p.numel()
+        param_counts[(spec.layer_of_path(name), spec.family_of_path(name))] += p.numel()
     return OpGraph(ops=recorder.ops, saved_bytes=dict(saved), batch_size=batch_size, seq_len=seq_len,
                    dtype=dtype, trace_seconds=time.perf_counter() - started, param_counts=dict(param_counts))
 
@@ -257,10 +229,8 @@ def efficient_attention(query, key, value, padding_mask, softmax_scale, dropout_
 
 
 def build_traced_model(config, dtype=torch.bfloat16):
-    """The training form of `config` on the meta device, ready to trace."""
-    from modeling import build_model
-    from modeling.modeling_deepseek_modifier import apply_training_form
-    model = apply_training_form(build_model(config, device="meta", dtype=dtype), attention="sdpa")
-    for layer in model.model.layers:
-        layer.self_attn.attention_fn = efficient_attention
+    """The training form of `config` on the meta device, ready to trace: SDPA attention, with the
+    memory-efficient kernel a GPU runs (`efficient_attention`)."""
+    model = spec.build_training_model(config, device="meta", dtype=dtype, attention="sdpa")
+    spec.set_attention_kernel(model, efficient_attention)
     return model

@@ -8,6 +8,8 @@ from .modeling_deepseek import (
     DeepseekV2ForCausalLM,
     DeepseekV2Model,
     DeepseekV2PreTrainedModel,
+    IGNORE_INDEX,
+    next_token_cross_entropy,
 )
 from .loading import load_config, model_class_for, build_model
 
@@ -15,5 +17,5 @@ __all__ = [
     "DeepseekConfig", "DeepseekV2Config",
     "DeepseekForCausalLM", "DeepseekModel", "DeepseekPreTrainedModel",
     "DeepseekV2ForCausalLM", "DeepseekV2Model", "DeepseekV2PreTrainedModel",
-    "load_config", "model_class_for", "build_model",
+    "load_config", "model_class_for", "build_model", "IGNORE_INDEX", "next_token_cross_entropy",
 ]

@@ -4,19 +4,21 @@ The one place that turns a `--model_id` into a config and a model class, so ever
 (demo, compile, run, merge) gives the same errors for a bad directory.
 """
 
-import json
 import os
+import zlib
 
 import torch
 
 from .configuration_deepseek import DeepseekConfig, DeepseekV2Config
 from .modeling_deepseek import DeepseekForCausalLM, DeepseekV2ForCausalLM
 
+from errors import UserError, read_json
+
 CONFIG_CLASSES = {"deepseek_v2": DeepseekV2Config, "deepseek": DeepseekConfig}
 CAUSAL_LM_CLASSES = {"deepseek_v2": DeepseekV2ForCausalLM, "deepseek": DeepseekForCausalLM}
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UserError):
     """A --model_id that cannot be read; the message names the file and the fix."""
 
 
@@ -27,11 +29,7 @@ def load_config(model_id):
         if not os.path.isfile(path):
             raise ModelDirError(f"{path} not found: --model_id must be a directory holding a config.json "
                                 "(see configs/ for examples) or a Hugging Face hub id")
-        try:
-            with open(path) as f:
-                fields = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ModelDirError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+        fields = read_json(path, ModelDirError)
     elif os.path.sep in model_id.strip("/") and model_id.count("/") > 1 or model_id.startswith((".", "/", "~")):
         raise ModelDirError(f"--model_id {model_id!r}: no such directory")
     else:
@@ -69,7 +67,6 @@ def initial_value(name, shape, config, seed, device="cpu"):
     start at 1, every other weight at N(0, initializer_range) (the models' _init_weights rule). The
     numbers are drawn on `device`: a GPU draws a 16B-parameter model in seconds where a CPU takes
     minutes per rank (CPU and CUDA generators give different, equally valid, draws)."""
-    import zlib
     if name.endswith("norm.weight"):
         return torch.ones(shape, device=device)
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

@@ -11,7 +11,7 @@ auxiliary balance loss, which a model in training mode adds to its returned loss
 
 Parameter names and shapes are exactly those of the published checkpoints, so `from_pretrained`
 reads them unchanged. This is the readable reference the training form
-(`modeling_deepseek_modifier.py`) is checked against: plain per-expert loops, eager attention.
+(`training_form.py`) is checked against: plain per-expert loops, eager attention.
 It knows nothing of devices meshes or ranks.
 
 Shape letters in names: B batch, S sequence, H heads, D hidden, T tokens (B*S), K top-k, E experts.
@@ -62,11 +62,6 @@ class DeepseekRMSNorm(nn.Module):
 
 class DeepseekMLP(nn.Module):
     """SwiGLU feed-forward: used for dense layers, each routed expert and the shared experts."""
-
-    # How a tensor-parallel runtime may split this module: column-parallel projections split their
-    # output features, row-parallel ones their input features (and sum the partial outputs).
-    TP_LAYOUT = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
-    TP_HEAD_ATTRS = ()
 
     def __init__(self, config, hidden_size=None, intermediate_size=None):
         super().__init__()
@@ -340,14 +335,8 @@ class DeepseekV2Attention(nn.Module):
     attention_fn = staticmethod(eager_attention)
     # The rotary embedding of q and k; the training form may swap in a fused (compiled) one.
     rotary_fn = staticmethod(apply_rotary_pos_emb)
-    # Tensor parallelism splits the heads: the per-head projections column-wise, o_proj row-wise;
-    # the shared latent (kv_a_proj_with_mqa, q_a_proj and their norms) stays whole. The attributes
-    # named in TP_HEAD_ATTRS count heads and are divided by the tensor-parallel degree.
-    TP_LAYOUT = {"q_proj": "colwise", "q_b_proj": "colwise", "kv_b_proj": "colwise", "o_proj": "rowwise"}
-    TP_HEAD_ATTRS = ("num_heads",)
-    # The rotary key is one tensor shared by all heads: with the heads split, each rank's gradient
-    # of it covers only its heads. A tensor-parallel runtime replaces this identity with one whose
-    # backward sums those partial gradients.
+    # The rotary key is one tensor shared by all heads. Identity here; a program that gives each
+    # process part of the heads replaces it with one whose backward sums the parts' gradients.
     share_across_heads = staticmethod(lambda t: t)
 
     def __init__(self, config, layer_idx=None):
@@ -422,8 +411,6 @@ class DeepseekAttention(nn.Module):
 
     attention_fn = staticmethod(eager_attention)
     rotary_fn = staticmethod(apply_rotary_pos_emb)
-    TP_LAYOUT = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
-    TP_HEAD_ATTRS = ("num_heads", "num_key_value_heads")
 
     def __init__(self, config, layer_idx=None):
         super().__init__()
@@ -508,6 +495,19 @@ def causal_attention_mask(attention_mask_BS, batch_size, seq_len, dtype, device)
     return torch.where(allowed, zeros, torch.full((), min_value, dtype=dtype, device=device))
 
 
+IGNORE_INDEX = -100
+
+
+def next_token_cross_entropy(logits_BSV, labels_BS, reduction="mean"):
+    """The language-model loss: position s predicts labels[s + 1] (the last position predicts
+    nothing), labels equal to IGNORE_INDEX count for nothing; statistics in float32. reduction
+    "mean" (over the counted targets, as Hugging Face models report it) or "sum" (what a trainer
+    divides by the token count of a whole global batch)."""
+    vocab = logits_BSV.shape[-1]
+    return F.cross_entropy(logits_BSV[..., :-1, :].reshape(-1, vocab).float(), labels_BS[..., 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
 @dataclass
 class MoECausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus the MoE balance loss (already included in `loss` when training)."""
@@ -565,20 +565,6 @@ class _DeepseekModelBody:
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
-
-    def run_layers(self, hidden_states_BSD, layers, position_ids=None):
-        """Runs `layers` (an iterable of this model's decoder layers) on hidden states, causal, no
-        padding: the piece a pipeline stage runs. Returns (hidden_states, [aux losses])."""
-        B, S = hidden_states_BSD.shape[:2]
-        if position_ids is None:
-            position_ids = torch.arange(S, device=hidden_states_BSD.device).unsqueeze(0).expand(B, S)
-        position_embeddings = self.rotary_emb(position_ids, hidden_states_BSD.dtype)
-        aux_losses = []
-        for layer in layers:
-            hidden_states_BSD, aux = layer(hidden_states_BSD, position_embeddings, None)
-            if aux is not None:
-                aux_losses.append(aux)
-        return hidden_states_BSD, aux_losses
 
     def forward(
         self,
@@ -676,9 +662,7 @@ class _DeepseekForCausalLMBody:
         logits = self.lm_head(outputs.last_hidden_state).float()
         loss = lm_loss = None
         if labels is not None:
-            shift_logits = logits[..., :-1, :].reshape(-1, self.config.vocab_size)
-            shift_labels = labels[..., 1:].reshape(-1).to(shift_logits.device)
-            lm_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            lm_loss = next_token_cross_entropy(logits, labels.to(logits.device), reduction="mean")
             loss = lm_loss if outputs.aux_loss is None else lm_loss + outputs.aux_loss
         if not return_dict:
             output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
@@ -697,10 +681,6 @@ class _DeepseekForCausalLMBody:
         gathering the parameters) sees it used."""
         outputs = self.model(input_ids=input_ids, return_dict=True)
         return head_fn(outputs.last_hidden_state, self.lm_head), outputs.aux_loss
-
-    def head_logits(self, hidden_states_BSD):
-        """Final norm and lm_head, float32 logits: the piece the last pipeline stage runs."""
-        return self.lm_head(self.model.norm(hidden_states_BSD)).float()
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         # No KV cache: every generation step reruns the whole sequence.

@@ -21,7 +21,6 @@ previous checkpoint and pointer untouched.
 import json
 import os
 import shutil
-import time
 import zlib
 
 import torch
@@ -30,16 +29,18 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from errors import UserError
+from runtime.expert_parallel import ExpertParallelExperts
+
 # Optimizer state keyed by parameter name (hyperparameters too): what each rank holds is then
 # self-describing, whichever modules (pipeline stages) the rank has.
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 COMMIT_MARKER = "COMMITTED"
 LAST_POINTER = "last"
-SAVE_DELAY_ENV = "DEEPSEEK_MOE_TEST_SAVE_DELAY_S"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
@@ -63,17 +64,22 @@ def save(save_dir, step, modules, optimizer, scheduler, keep_last=None, hf_files
                os.path.join(partial, extra))
     if rank == 0 and hf_files:
         _write_hf_files(os.path.join(partial, "hf"), hf_files)
-    # Fault injection for the tests ("STEP:SECONDS"): hold the save of that step open after the
-    # shards are written and before the commit, so that a test can kill the run in mid-save.
-    delayed_step, _, seconds = os.environ.get(SAVE_DELAY_ENV, "").partition(":")
-    if delayed_step and int(delayed_step) == step:
-        time.sleep(float(seconds))
+    _commit(save_dir, step, partial, final, extra, bool(hf_files), keep_last)
+    dist.barrier()
+    return final
+
+
+def _commit(save_dir, step, partial, final, extra, has_hf, keep_last):
+    """The second half of `save`, on every rank once all its shards are in `partial`: checksum them,
+    write the COMMITTED marker (rank 0), rename `partial` to `final` and move the `last` pointer.
+    Until it does, the save can be killed and nothing reads what it wrote."""
+    rank = dist.get_rank()
     # Each rank checksums what it wrote (its DCP shard files and extras; rank 0 also the DCP metadata
     # and hf/), so the reading is spread over the ranks and rank 0 gathers only the results.
     mine = [extra] + sorted(f for f in os.listdir(partial) if f.startswith(f"__{rank}_"))
     if rank == 0:
         mine.append(".metadata")
-        if hf_files:
+        if has_hf:
             mine += [os.path.join("hf", f) for f in sorted(os.listdir(os.path.join(partial, "hf")))]
     sums = {f: file_checksum(os.path.join(partial, f)) for f in mine}
     gathered = [None] * dist.get_world_size()
@@ -95,8 +101,6 @@ def save(save_dir, step, modules, optimizer, scheduler, keep_last=None, hf_files
                                and os.path.isfile(os.path.join(save_dir, d, COMMIT_MARKER)))
             for old in committed[:-keep_last]:
                 shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
-    dist.barrier()
-    return final
 
 
 def file_checksum(path, chunk=1 << 24, on_block=None):
@@ -160,7 +164,6 @@ def _state(modules, optimizer, ep_mesh=None):
 
 
 def _expert_parameter_names(modules):
-    from runtime.expert_parallel import ExpertParallelExperts
     names = []
     for module in modules:
         for prefix, sub in module.named_modules():
@@ -239,3 +242,23 @@ def _fit_param_groups(scheduler_state, groups, path):
     if lambdas is not None and len(lambdas) != groups:
         state["lr_lambdas"] = [lambdas[0]] * groups
     return state
+
+
+# ---- what a run keeps beside its tensors ------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def hf_files_of_run(model_id, tokenizer_path=None):
+    """What a checkpoint's hf/ folder gets, for merge_ckpt.py: --model_id's config.json (as published),
+    its generation_config.json if any, and the tokenizer files of --tokenizer_path (default
+    --model_id) that exist."""
+    files = {"config.json": os.path.join(model_id, "config.json")}
+    generation = os.path.join(model_id, "generation_config.json")
+    if os.path.isfile(generation):
+        files["generation_config.json"] = generation
+    tokenizer_dir = tokenizer_path or model_id
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(tokenizer_dir, name)):
+            files[name] = os.path.join(tokenizer_dir, name)
+    return files

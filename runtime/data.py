@@ -7,10 +7,13 @@ processes read the same global batch, and each data-parallel rank takes its cont
 
 import os
 
+import datasets
 import torch
 
+from errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A dataset that cannot be used; the message names the path or flag and the fix."""
 
 
@@ -21,7 +24,6 @@ def load_rows(dataset_path, seq_len=None):
     if not os.path.isdir(dataset_path):
         raise DataError(f"--dataset_path {dataset_path}: no such directory; prepare one with "
                         "`python bookcorpus.py --save_path ...`")
-    import datasets
     try:
         rows = datasets.load_from_disk(dataset_path)
     except Exception as e:  # noqa: BLE001 - any failure means it is not a saved dataset

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
-from modeling import moe_utils
+from modeling import kernels, spec
 
 
 def _process_group(ep_group):
@@ -32,52 +32,37 @@ def _process_group(ep_group):
 
 
 class ExpertParallelExperts(nn.Module):
-    """This rank's share of a MergedExperts, with all-to-all token dispatch.
+    """This rank's share of a layer's stacked experts, with all-to-all token dispatch.
 
-    Parameters have MergedExperts' names and layout, restricted to the local experts:
-    gate_up_proj_E2FD [E/ep, 2, F, D] and down_proj_EDF [E/ep, D, F], local expert l being global
-    expert expert_offset + l. Attributes: num_experts (global E), ep_size, ep_rank, expert_offset,
+    Parameters keep the names and layout of the model's stacked experts (`spec.EXPERT_PARAMETERS`),
+    restricted along the expert dim to the local experts: local expert l is global expert
+    expert_offset + l. Attributes: num_experts (global E), ep_size, ep_rank, expert_offset,
     num_local_experts, ep_group (the ProcessGroup used by the all-to-alls).
 
     ep_group may be a ProcessGroup or a 1-D DeviceMesh; the rank order within it fixes which experts
     a rank holds.
     """
 
-    def __init__(self, num_experts, hidden_size, intermediate_size, ep_group, device=None, dtype=None):
+    def __init__(self, merged, ep_group):
+        """This rank's experts of `merged` (the model's stacked-experts module), copied, or left on
+        the meta device when `merged` is there. The slices are cloned so that the full stacked
+        tensors can be freed once every rank has taken its share."""
         super().__init__()
         self.ep_group = _process_group(ep_group)
         self.ep_size = dist.get_world_size(self.ep_group)
         self.ep_rank = dist.get_rank(self.ep_group)
-        if num_experts % self.ep_size != 0:
-            raise ValueError(f"n_routed_experts={num_experts} is not divisible by the expert-parallel "
+        full = dict(zip(spec.EXPERT_PARAMETERS, spec.expert_weights(merged)))
+        self.num_experts = next(iter(full.values())).shape[spec.EXPERT_DIM]
+        if self.num_experts % self.ep_size != 0:
+            raise ValueError(f"n_routed_experts={self.num_experts} is not divisible by the expert-parallel "
                              f"degree ep={self.ep_size}")
-        self.num_experts = num_experts
-        self.num_local_experts = num_experts // self.ep_size
+        self.num_local_experts = self.num_experts // self.ep_size
         self.expert_offset = self.ep_rank * self.num_local_experts
-        kw = {"device": device, "dtype": dtype}
-        self.gate_up_proj_E2FD = nn.Parameter(
-            torch.empty(self.num_local_experts, 2, intermediate_size, hidden_size, **kw))
-        self.down_proj_EDF = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, intermediate_size, **kw))
-        self.grouped_mm_backend = "torch"
-
-    @classmethod
-    def from_merged(cls, merged, ep_group):
-        """This rank's experts of a full MergedExperts, copied (or, from a meta module, left on meta).
-
-        The slices are cloned so that the full stacked tensors can be freed once every rank has
-        taken its share."""
-        num_experts, _, intermediate_size, hidden_size = merged.gate_up_proj_E2FD.shape
-        weight = merged.gate_up_proj_E2FD
-        local = cls(num_experts, hidden_size, intermediate_size, ep_group, device=weight.device, dtype=weight.dtype)
-        local.grouped_mm_backend = merged.grouped_mm_backend
-        experts = slice(local.expert_offset, local.expert_offset + local.num_local_experts)
-        if weight.device.type != "meta":  # meta tensors have no values to copy
-            with torch.no_grad():
-                local.gate_up_proj_E2FD.copy_(merged.gate_up_proj_E2FD[experts])
-                local.down_proj_EDF.copy_(merged.down_proj_EDF[experts])
-        local.gate_up_proj_E2FD.requires_grad_(merged.gate_up_proj_E2FD.requires_grad)
-        local.down_proj_EDF.requires_grad_(merged.down_proj_EDF.requires_grad)
-        return local
+        self.grouped_mm_backend = merged.grouped_mm_backend
+        for name, weight in full.items():
+            local = weight.detach().narrow(spec.EXPERT_DIM, self.expert_offset, self.num_local_experts)
+            local = torch.empty_like(local) if weight.device.type == "meta" else local.clone()
+            self.register_parameter(name, nn.Parameter(local, requires_grad=weight.requires_grad))
 
     def extra_repr(self):
         return (f"num_experts={self.num_experts}, ep_size={self.ep_size}, ep_rank={self.ep_rank}, "
@@ -93,10 +78,10 @@ class ExpertParallelExperts(nn.Module):
         # 1. Sort this rank's slots by global expert. Experts are laid out rank by rank, so the
         #    sorted rows are also grouped by destination rank (expert e lives on e // (E/ep)), and
         #    within each destination by its local expert: exactly the order the all-to-all wants.
-        sorted_slots_N, sorted_tokens_N, slot_position_N, _ = moe_utils.sort_slots(topk_idx_TK)
-        x_sorted_ND = moe_utils.permute(x_TD, sorted_tokens_N, slot_position_N, top_k)
+        sorted_slots_N, sorted_tokens_N, slot_position_N, _ = kernels.sort_slots(topk_idx_TK)
+        x_sorted_ND = kernels.permute(x_TD, sorted_tokens_N, slot_position_N, top_k)
         weight_sorted_N = topk_weight_TK.reshape(-1).index_select(0, sorted_slots_N)
-        send_counts_PL = moe_utils.tokens_per_expert(topk_idx_TK, self.num_experts).view(ep, local_experts)
+        send_counts_PL = kernels.tokens_per_expert(topk_idx_TK, self.num_experts).view(ep, local_experts)
 
         # 2. Tell each rank how many rows it gets from us for each of its local experts; we receive
         #    recv_counts_PL[p, l] = rows from source rank p for our local expert l.
@@ -121,23 +106,17 @@ class ExpertParallelExperts(nn.Module):
         local_expert_of_row_R = torch.repeat_interleave(
             torch.arange(local_experts, device=x_TD.device).repeat(ep), recv_counts_PL.reshape(-1),
             output_size=num_received)
-        group_slots_R, group_rows_R, group_position_R, group_experts_R = moe_utils.sort_slots(
+        group_slots_R, group_rows_R, group_position_R, group_experts_R = kernels.sort_slots(
             local_expert_of_row_R.unsqueeze(-1))
-        x_grouped_RD = moe_utils.permute(x_recv_RD, group_rows_R, group_position_R, 1)
+        x_grouped_RD = kernels.permute(x_recv_RD, group_rows_R, group_position_R, 1)
         weight_grouped_R1 = weight_recv_R.index_select(0, group_slots_R).unsqueeze(-1)
-        offsets_L = moe_utils.group_end_offsets(group_experts_R, local_experts)
-        counts_L = None
-        if self.grouped_mm_backend == "grouped_gemm":  # that backend wants per-group sizes
-            counts_L = torch.diff(offsets_L, prepend=offsets_L.new_zeros(1))
-        _, _, F_, D = self.gate_up_proj_E2FD.shape
-        gate_up_R2F = moe_utils.grouped_mm(x_grouped_RD, self.gate_up_proj_E2FD.reshape(local_experts, 2 * F_, D),
-                                           offsets_L, counts_L, self.grouped_mm_backend)
-        h_RF = moe_utils.weighted_swiglu(gate_up_R2F, weight_grouped_R1)
-        y_grouped_RD = moe_utils.grouped_mm(h_RF, self.down_proj_EDF, offsets_L, counts_L, self.grouped_mm_backend)
+        offsets_L = kernels.group_end_offsets(group_experts_R, local_experts)
+        y_grouped_RD = spec.routed_experts_grouped(spec.expert_weights(self), x_grouped_RD, weight_grouped_R1,
+                                                   offsets_L, self.grouped_mm_backend)
         # Back to arrival order (K=1: a plain gather, no sum).
-        y_recv_RD = moe_utils.unpermute(y_grouped_RD, group_rows_R, group_position_R, 1)
+        y_recv_RD = kernels.unpermute(y_grouped_RD, group_rows_R, group_position_R, 1)
 
         # 5. Return the rows to their sources (the splits swap roles) and combine each token's K
         #    already-weighted slots, summed in float32, in x's dtype.
         y_sorted_ND = all_to_all_single_autograd(y_recv_RD, send_splits, recv_splits, self.ep_group)
-        return moe_utils.unpermute(y_sorted_ND, sorted_tokens_N, slot_position_N, top_k).to(x_TD.dtype)
+        return kernels.unpermute(y_sorted_ND, sorted_tokens_N, slot_position_N, top_k).to(x_TD.dtype)

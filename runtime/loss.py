@@ -1,31 +1,50 @@
-"""The language-model loss from the final hidden states, a chunk of positions at a time.
+"""Every loss path of the runtime, one module: the plain next-token loss over full logits, the
+pipeline's last-stage loss, and the same loss from the final hidden states a chunk at a time.
 
-The plain loss (`runtime.trainer.lm_loss_sum`) takes the logits of the whole micro-batch: with
-DeepSeek's 102400-token vocabulary, a micro-batch of 4 x 2048 positions has 3.4 GB of float32
-logits, and autograd keeps the float32 log-softmax and builds float32 and bf16 gradients of the
-same size, several times the memory of a decoder layer's activations.
+All of them compute the summed next-token cross-entropy of a micro-batch, which the trainer divides
+by the target count of the whole global batch (see runtime/step.py); the plain one is the model's own
+`next_token_cross_entropy`, so the model's Hugging Face loss and the trainer's are one function.
 
-`chunked_lm_loss_sum(hidden, lm_head, input_ids, chunk_tokens)` returns the same summed next-token
-cross-entropy without ever holding more than one chunk's logits: for each chunk of positions it
-computes the logits (in the compute dtype, as lm_head does), takes the cross-entropy with float32
-statistics and, in the same pass, the gradient of the summed loss with respect to the chunk's
-logits (softmax - one-hot), which it turns at once into the chunk's hidden-state gradient and adds
-to the lm_head weight gradient (float32 accumulation over chunks); then the chunk's logits are
-freed. The backward only scales the two stored gradients by the incoming gradient. On CUDA the
-softmax, loss and gradient are one compiled reduction + elementwise pass over the bf16 logits
-(the plain path makes several passes over float32 copies). The work is the plain
-path's (one GEMM forward, two backward per chunk); only the grouping and the order of a few float
-operations differ, so the loss and gradients equal the plain path's up to float rounding.
+`chunked_lm_loss_sum(hidden, lm_head, input_ids, chunk_tokens)`: with DeepSeek's 102400-token
+vocabulary, a micro-batch of 4 x 2048 positions has 3.4 GB of float32 logits, and autograd keeps the
+float32 log-softmax and builds float32 and bf16 gradients of the same size, several times the memory
+of a decoder layer's activations. The chunked path returns the same sum without ever holding more
+than one chunk's logits: for each chunk of positions it computes the logits (in the compute dtype,
+as lm_head does), takes the cross-entropy with float32 statistics and, in the same pass, the gradient
+of the summed loss with respect to the chunk's logits (softmax - one-hot), which it turns at once
+into the chunk's hidden-state gradient and adds to the lm_head weight gradient (float32 accumulation
+over chunks); then the chunk's logits are freed. The backward only scales the two stored gradients
+by the incoming gradient. On CUDA the softmax, loss and gradient are one compiled reduction +
+elementwise pass over the bf16 logits. The work is the plain path's (one GEMM forward, two backward
+per chunk); only the grouping and the order of a few float operations differ, so the loss and
+gradients equal the plain path's up to float rounding.
 """
 
 import torch
 
-from modeling.moe_utils import _compiled_on_cuda
+from modeling.kernels import compiled_on_cuda
+from modeling import IGNORE_INDEX, next_token_cross_entropy
 
-IGNORE_INDEX = -100
+
+def lm_loss_sum(logits_BSV, labels_BS):
+    """Summed next-token cross-entropy over full logits (the model's own loss function)."""
+    return next_token_cross_entropy(logits_BSV, labels_BS, reduction="sum")
 
 
-@_compiled_on_cuda
+def pipeline_loss_fn(tokens_in_global_batch):
+    """The last pipeline stage's loss: loss_fn(logits [B, S, V], labels [B, S]) = lm_loss_sum / TOKENS,
+    TOKENS the target count of the whole global batch, so the schedule backpropagates J's
+    cross-entropy part unscaled."""
+    if tokens_in_global_batch <= 0:
+        raise ValueError(f"tokens_in_global_batch must be positive, got {tokens_in_global_batch}")
+
+    def loss_fn(logits_BSV, labels_BS):
+        return lm_loss_sum(logits_BSV, labels_BS) / tokens_in_global_batch
+
+    return loss_fn
+
+
+@compiled_on_cuda
 def _cross_entropy_and_grad(logits_nV, targets_n):
     """(summed cross-entropy of the rows whose target is not IGNORE_INDEX, float32;
     d(that sum)/d logits = softmax - one-hot, zero on ignored rows, in the logits' dtype).

@@ -5,8 +5,11 @@ so the mesh is laid out row-major as (replica, pp, dp, ep, tp), exactly the plan
 within each replica.
 """
 
+import os
+import socket
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -56,3 +59,26 @@ def build_mesh(plan, device_type):
     sizes = {"replica": replicas, **plan.mesh}
     mesh = init_device_mesh(device_type, tuple(sizes[a] for a in AXES), mesh_dim_names=AXES)
     return RunMesh(mesh=mesh, replicas=replicas, sizes=sizes)
+
+
+# ---- the process group ---------------------------------------------------------------------------------
+def init_distributed(device):
+    """The default process group: NCCL for cuda, gloo for cpu; a plain `python train.py` (no torchrun)
+    is a world of one."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device == "cuda" else "gloo"
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that is free now (for a rendezvous on this host)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

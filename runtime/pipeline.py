@@ -15,7 +15,7 @@ J in two parts computed in different places:
   already in the loss, the schedule must not divide by the micro-batch count again);
 * the balance-loss part inside each MoE block, on whichever stage holds it: the block injects
   the gradient of its balance loss times 1 / MICROBATCHES in its own backward
-  (`MoEBlock.aux_loss_grad_scale`), so no loss has to travel between stages. The stages keep its
+  (`spec.StageModule`), so no loss has to travel between stages. The stages keep its
   values for logging (`pipeline_aux_loss`).
 
 Splitting moves modules out of the model (the stages share the model's parameter objects, nothing
@@ -23,132 +23,32 @@ is copied): the model should not be used after it has been split, and dropping t
 reference to it leaves each rank holding only the parameters of its own stages.
 """
 
-import copy
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
-from modeling.modeling_deepseek_modifier import MoEBlock
+from modeling import spec
 
 SCHEDULES = {"1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
 
 
 # ----------------------------------------------------------------------------------------------
-# The loss
-# ----------------------------------------------------------------------------------------------
-def ce_loss_fn(tokens_in_global_batch):
-    """The last stage's loss: loss_fn(logits [B, S, V], labels [B, S]) = summed next-token
-    cross-entropy of the micro-batch / TOKENS (labels are aligned with the inputs and shifted here,
-    as the model's own forward does; -100 is ignored)."""
-    if tokens_in_global_batch <= 0:
-        raise ValueError(f"tokens_in_global_batch must be positive, got {tokens_in_global_batch}")
-
-    def loss_fn(logits_BSV, labels_BS):
-        vocab = logits_BSV.shape[-1]
-        ce_sum = F.cross_entropy(logits_BSV[:, :-1].reshape(-1, vocab), labels_BS[:, 1:].reshape(-1),
-                                 ignore_index=-100, reduction="sum")
-        return ce_sum / tokens_in_global_batch
-
-    return loss_fn
-
-
-# ----------------------------------------------------------------------------------------------
 # Stage modules
 # ----------------------------------------------------------------------------------------------
-def _shell(module):
-    """A new module object of the same class as `module`, sharing its attributes (config, rotary
-    embedding, ...) but with registries of its own (children, parameters, buffers, hooks): children
-    replaced on the shell stay in `module`, and the shell references only what it is left with.
-    We keep the class so that its methods (`run_layers`) work on the shell."""
-    shell = copy.copy(module)  # copies __dict__ shallowly: the registries would still be shared
-    for name, value in vars(module).items():
-        if isinstance(value, (dict, set)):
-            shell.__dict__[name] = copy.copy(value)
-    return shell
-
-
-class PipelineStageModule(nn.Module):
-    """Consecutive decoder layers of a training-form causal LM, with the embedding when first and the
-    final norm and lm_head when last, under the model's own parameter names
-    (`model.embed_tokens.weight`, `model.layers.<i>.…`, `model.norm.weight`, `lm_head.weight`), so
-    optimizer state, checkpoints and gradients line up with the unsplit model.
-
-    forward: input_ids [B, S] (first stage) or hidden [B, S, D] -> hidden [B, S, D], or float32
-    logits [B, S, V] on the last stage.
-
-    Each MoE block injects its balance-loss gradient itself (see the module docstring). Every forward
-    appends the sum of its blocks' balance losses (detached, or None without any) to
-    `aux_loss_per_forward`, for logging through `pipeline_aux_loss`."""
-
-    def __init__(self, causal_lm, layer_range, has_embed, has_head, aux_loss_grad_scale):
-        super().__init__()
-        first, end = layer_range
-        body = causal_lm.model
-        if not 0 <= first <= end <= len(body.layers):
-            raise ValueError(f"layer range {layer_range} outside the model's {len(body.layers)} layers")
-        if first == end and not (has_embed or has_head):
-            raise ValueError(f"stage with layer range {layer_range} would hold nothing")
-        if getattr(causal_lm.config, "tie_word_embeddings", False) and has_embed != has_head:
-            raise ValueError("tie_word_embeddings: the embedding and lm_head share one weight, so they must "
-                             "be on the same stage; put the first and last layers on one stage or untie them")
-        self.config = causal_lm.config
-        self.has_embed, self.has_head = has_embed, has_head
-        self.layer_range = (first, end)
-        self.aux_loss_grad_scale = float(aux_loss_grad_scale)
-        self.aux_loss_per_forward = []
-
-        self.model = _shell(body)
-        # A ModuleDict keyed by the original indices keeps the checkpoint names `model.layers.<i>`.
-        self.model.layers = nn.ModuleDict({str(i): body.layers[i] for i in range(first, end)})
-        self.model.embed_tokens = body.embed_tokens if has_embed else None
-        self.model.norm = body.norm if has_head else None
-        self.lm_head = causal_lm.lm_head if has_head else None
-        for block in self.moe_blocks():
-            block.aux_loss_grad_scale = self.aux_loss_grad_scale
-
-    def moe_blocks(self):
-        return [m for m in self.model.layers.modules() if isinstance(m, MoEBlock)]
-
-    def forward(self, x):
-        blocks = self.moe_blocks()
-        # A block leaves last_aux_loss as it was when it computes no balance loss (eval mode,
-        # aux_loss_alpha 0): clear it so that a stale value is not counted again. Reading the values
-        # here rather than in the blocks' hooks also ignores activation-checkpointing recomputes,
-        # which run the blocks again during the backward.
-        for block in blocks:
-            block.last_aux_loss = None
-        hidden_BSD = self.model.embed_tokens(x) if self.has_embed else x
-        hidden_BSD, aux_losses = self.model.run_layers(hidden_BSD, self.model.layers.values())
-        if aux_losses:
-            # Would be silently dropped: a stage returns one tensor, so the blocks must inject the
-            # balance loss themselves (aux_loss_grad_scale set).
-            raise RuntimeError("a MoE block returned its balance loss inside a pipeline stage; "
-                               "set its aux_loss_grad_scale")
-        values = [block.last_aux_loss for block in blocks if block.last_aux_loss is not None]
-        self.aux_loss_per_forward.append(torch.stack(values).sum() if values else None)
-        if self.has_head:
-            # The same computation as DeepseekV2ForCausalLM.head_logits: final norm, lm_head, float32.
-            return self.lm_head(self.model.norm(hidden_BSD)).float()
-        return hidden_BSD
-
-
 def split_into_stage(model, layer_range, has_embed, has_head, total_microbatches=1):
-    """This stage's part of a training-form causal LM (see PipelineStageModule).
+    """This stage's part of a training-form causal LM (see modeling.spec.StageModule).
 
     layer_range: (first, end) decoder layer indices, end excluded. total_microbatches: MICROBATCHES
     of the loss convention (all micro-batches of the global batch, every data-parallel replica
     included); each MoE block's balance-loss gradient is scaled by its inverse."""
     if total_microbatches < 1:
         raise ValueError(f"total_microbatches must be at least 1, got {total_microbatches}")
-    return PipelineStageModule(model, tuple(layer_range), has_embed, has_head, 1.0 / total_microbatches)
+    return spec.StageModule(model, tuple(layer_range), has_embed, has_head, 1.0 / total_microbatches)
 
 
 def _stage_modules_in(modules):
-    """The PipelineStageModules in `modules`, also when wrapped (FSDP keeps the class as a base;
+    """The StageModules in `modules`, also when wrapped (FSDP keeps the class as a base;
     other wrappers hold it as a child)."""
-    return [m for module in modules for m in module.modules() if isinstance(m, PipelineStageModule)]
+    return [m for module in modules for m in module.modules() if isinstance(m, spec.StageModule)]
 
 
 def pipeline_aux_loss(stage_modules):
@@ -157,13 +57,11 @@ def pipeline_aux_loss(stage_modules):
     no MoE block); sum it over the pipeline ranks for the whole of J's aux part."""
     stages = _stage_modules_in(stage_modules)
     if not stages:
-        raise ValueError("no PipelineStageModule among the given modules")
+        raise ValueError("no StageModule among the given modules")
     device = next(p.device for s in stages for p in s.parameters())
     total = torch.zeros((), dtype=torch.float32, device=device)
     for stage in stages:
-        for aux in stage.aux_loss_per_forward:
-            if aux is not None:
-                total = total + aux.float() * stage.aux_loss_grad_scale
+        total = total + stage.balance_loss_part()
     return total
 
 
@@ -205,7 +103,7 @@ class Pipeline:
         """Forward and backward of this rank's local batch (n_microbatches micro-batches along dim 0).
         Gradients accumulate into the stage parameters' .grad. Returns, on the rank holding the last
         stage, the summed loss_fn values of the micro-batches (J's cross-entropy part for this batch
-        with ce_loss_fn); None elsewhere. Every rank must call it, each with the same batch shape."""
+        with pipeline_loss_fn); None elsewhere. Every rank must call it, each with the same batch shape."""
         if input_ids.shape[0] % self.n_microbatches:
             # tensor_split would make unequal micro-batches, which the loss convention does not weigh.
             raise ValueError(f"batch of {input_ids.shape[0]} sequences does not split into "
@@ -236,7 +134,7 @@ def build_pipeline(model, stage_layer_ranges, pp_rank, pp_size, pp_group, schedu
     stage_layer_ranges: one (first, end) per stage, pp_size * virtual_stages of them in stage order.
     schedule_name: "1F1B" (virtual_stages 1) or "Interleaved1F1B" (loop placement, see stage_indices).
     n_microbatches: micro-batches per step on this pipeline. total_microbatches: MICROBATCHES of the
-    loss convention (default n_microbatches, i.e. no data parallelism). loss_fn: e.g. ce_loss_fn(TOKENS).
+    loss convention (default n_microbatches, i.e. no data parallelism). loss_fn: e.g. runtime.loss.pipeline_loss_fn(TOKENS).
     device: the device the stages compute on (PipelineStage allocates its receive buffers there);
     modules are not moved. wrap_stage(module) -> module (e.g. FSDP) is applied before the stage is
     created. Drop the caller's `model` afterwards so that other ranks' parameters are freed."""
@@ -248,7 +146,7 @@ def build_pipeline(model, stage_layer_ranges, pp_rank, pp_size, pp_group, schedu
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp_rank {pp_rank} not in [0, {pp_size})")
     num_stages = pp_size * virtual_stages
-    _check_layer_ranges(stage_layer_ranges, len(model.model.layers), num_stages)
+    _check_layer_ranges(stage_layer_ranges, spec.num_layers(model), num_stages)
     total_microbatches = n_microbatches if total_microbatches is None else total_microbatches
 
     stage_modules, stages = [], []

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from compiler.plan import Plan, Stage, model_fingerprint
-from runtime.trainer import free_port
+from modeling import spec
+from runtime.mesh import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,8 @@ def make_plan(config, model_id, pp=1, dp=1, ep=1, tp=1, zero=0, over_replicas=Tr
                                "global_batch_size": global_batch_size, "runtime_ngpus": runtime,
                                "device_profile": "cpu", "mem_limit_gib": 8},
                 plan_ngpus=plan_ngpus, mesh={"pp": pp, "dp": dp, "ep": ep, "tp": tp}, stages=stages,
-                ops={"experts": {"partition": "expert" if ep > 1 else "replicate", "ep": ep, "tp": tp}},
+                ops={family: {"partition": partition} for family, partition in
+                     spec.partitions_for_mesh(tp, ep).items()},
                 zero={"level": zero, "shard_over_replicas": over_replicas},
                 schedule={"name": schedule, "micro_batches": micro_batches, "virtual_stages": virtual_stages},
                 predicted={"step_time_s": 1.0, "peak_memory_gib": [0.0] * plan_ngpus, "mfu": 0.0})
@@ -83,15 +85,17 @@ def run_plan(plan, world, model_id, dataset_path, out_dir, max_steps=3, lr=1e-3,
 
 
 def gather_parameters(results, plan):
-    """One full tensor per parameter name across ranks. With expert parallelism a rank holds the
+    """One full tensor per parameter name across ranks. With expert parallelism (the plan's experts
+    partitioned by expert) a rank holds the
     slice of experts of its ep coordinate (rank layout: replica, pp, dp, ep, tp, row-major); the
     slices are concatenated along the expert dim."""
     ep, tp = plan.mesh["ep"], plan.mesh["tp"]
+    experts_split = plan.ops["experts"]["partition"] == "expert"
     full, slices = {}, {}
     for rank, result in enumerate(results):
         ep_rank = (rank // tp) % ep
         for name, value in result["params"].items():
-            if ep > 1 and ".mlp.experts." in name:
+            if experts_split and ".mlp.experts." in name:
                 slices.setdefault(name, {})[ep_rank] = value
             else:
                 full.setdefault(name, value)

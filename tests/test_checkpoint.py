@@ -85,19 +85,20 @@ def test_a_run_killed_during_its_second_save_resumes_from_the_first(setup, tmp_p
     import sys
     import time
 
-    from runtime.checkpoint import SAVE_DELAY_ENV
-    from runtime.trainer import free_port
+    from runtime.mesh import free_port
     plan = make_plan(setup["config"], setup["model_dir"], seq_len=SEQ, micro_batch_size=MICRO,
                      global_batch_size=GLOBAL, dp=2, zero=3)
     plan_path = str(tmp_path / "plan.json")
     plan.save(plan_path)
     save_dir = tmp_path / "save"
-    # the flags of tests.runtime_harness.run_plan, so that the resumed run below continues this one
+    # the flags of tests.runtime_harness.run_plan, so that the resumed run below continues this one; the
+    # wrapper is train.py with the save of step 4 held open before its commit (in every rank)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(REPO, "train.py"), "--model_id", setup["model_dir"], "--dataset_path", setup["data_dir"],
+           os.path.join(REPO, "tests", "slow_save_train.py"), "--slow_save", "4:600",
+           "--model_id", setup["model_dir"], "--dataset_path", setup["data_dir"],
            "--plan", plan_path, "--runtime_ngpus", "2", "--device", "cpu", "--max_steps", "6", "--lr", "1e-3",
            "--warmup_steps", "1", "--seed", "0", "--save_every", "2", "--save_dir", str(save_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", SAVE_DELAY_ENV: "4:600"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     partial = save_dir / "step_00000004.partial"

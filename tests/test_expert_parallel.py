@@ -5,7 +5,6 @@ seed of its own, so any rank can recompute any other rank's single-device refere
 expected expert-parameter gradients (the sum over all ranks' tokens) without trusting a collective.
 """
 
-import socket
 
 import pytest
 import torch
@@ -13,16 +12,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
-from modeling.modeling_deepseek_modifier import MergedExperts
+from modeling.training_form import MergedExperts
 from runtime.expert_parallel import ExpertParallelExperts
+from runtime.mesh import free_port
 
 E, D, F, K = 8, 64, 32, 2  # the tiny config's expert sizes, top-2 routing
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _merged_experts():
@@ -100,7 +96,7 @@ def _check_case(merged, ep_experts, members, allowed_experts, case_seed):
 def _check_ep_group(merged, ep_group, members):
     """Construction and two routings for one EP group (a ProcessGroup or a 1-D DeviceMesh)."""
     ep_size, ep_rank = len(members), members.index(dist.get_rank())
-    ep_experts = ExpertParallelExperts.from_merged(merged, ep_group)
+    ep_experts = ExpertParallelExperts(merged, ep_group)
 
     # Same parameter names, this rank's slice of the experts; the EP rank is the rank in the group.
     local_experts = E // ep_size
@@ -121,14 +117,14 @@ def _check_ep_group(merged, ep_group, members):
     # From a meta module: local shapes on meta, no values.
     with torch.device("meta"):
         meta_merged = MergedExperts(E, D, F)
-    meta_ep = ExpertParallelExperts.from_merged(meta_merged, ep_group)
+    meta_ep = ExpertParallelExperts(meta_merged, ep_group)
     assert meta_ep.gate_up_proj_E2FD.is_meta and meta_ep.gate_up_proj_E2FD.shape == (local_experts, 2, F, D)
     assert meta_ep.down_proj_EDF.is_meta and meta_ep.down_proj_EDF.shape == (local_experts, D, F)
 
     # An expert count the EP degree does not divide.
     bad_num_experts = 2 * ep_size + 1
     with pytest.raises(ValueError, match=rf"n_routed_experts={bad_num_experts}.*ep={ep_size}"):
-        ExpertParallelExperts.from_merged(MergedExperts(bad_num_experts, D, F, device="meta"), ep_group)
+        ExpertParallelExperts(MergedExperts(bad_num_experts, D, F, device="meta"), ep_group)
 
 
 def _worker(rank, world_size, port):
@@ -150,4 +146,4 @@ def _worker(rank, world_size, port):
 def test_expert_parallel_matches_single_device():
     # One 4-process world covers both EP degrees (4, and 2 twice over): every spawned process
     # spends a few seconds importing torch, so a second, 2-process world would double the time.
-    mp.spawn(_worker, args=(4, _free_port()), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, free_port()), nprocs=4, join=True)

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 import merge_ckpt
 from merge_ckpt import merge_checkpoint
 from modeling import build_model, load_config
-from modeling.modeling_deepseek_modifier import apply_training_form, read_hf_state_dict, split_experts
+from modeling.hf_adapter import read_hf_state_dict, to_hf, training_source
+from modeling.training_form import apply_training_form
 from tests.runtime_harness import REPO, gather_parameters, make_plan, run_plan
 
 SEQ, MICRO, GLOBAL = 32, 2, 8
@@ -109,7 +110,7 @@ def _safetensors_dir(path):
 
 
 def _expected_hf_weights(run):
-    return split_experts(gather_parameters(run["results"], run["plan"]), run["config"])
+    return to_hf(gather_parameters(run["results"], run["plan"]), run["config"].n_routed_experts)
 
 
 # ---- names ------------------------------------------------------------------------------------------------
@@ -121,9 +122,9 @@ def test_every_hf_tensor_maps_to_its_slice_of_the_training_form(model_dir):
     training_state = apply_training_form(reference).state_dict()  # experts stacked from the reference's
     shapes = merge_ckpt.hf_parameter_shapes(config)
     assert list(shapes) == list(reference_state)  # the order save_pretrained writes
-    assert set(split_experts(training_state, config)) == set(shapes)
+    assert set(to_hf(training_state, config.n_routed_experts)) == set(shapes)
     for name, shape in shapes.items():
-        source, index = merge_ckpt.training_source(name)
+        source, index = training_source(name)
         assert torch.equal(training_state[source][index], reference_state[name]), name
         assert tuple(reference_state[name].shape) == shape
 
@@ -376,8 +377,8 @@ def test_optimizer_state_is_written_per_hf_parameter_with_experts_split(root, tr
     hf_names = list(merge_ckpt.hf_parameter_shapes(config))
     for moment in ("exp_avg", "exp_avg_sq"):
         suffix = f".{moment}"
-        expected = split_experts({k[len("state."):-len(suffix)]: v for k, v in saved.items()
-                                  if k.startswith("state.") and k.endswith(suffix)}, config)
+        expected = to_hf({k[len("state."):-len(suffix)]: v for k, v in saved.items()
+                                  if k.startswith("state.") and k.endswith(suffix)}, config.n_routed_experts)
         assert set(expected) == set(hf_names)
         for name in hf_names:
             assert state[f"{name}.{moment}"].dtype == torch.float32

@@ -7,7 +7,6 @@ compares its own stages' gradients with it, parameter by parameter under the sam
 
 import gc
 import os
-import socket
 import weakref
 
 import pytest
@@ -17,8 +16,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from modeling import build_model, load_config
-from modeling.modeling_deepseek_modifier import apply_training_form
-from runtime.pipeline import build_pipeline, ce_loss_fn, pipeline_aux_loss, split_into_stage
+from modeling.training_form import apply_training_form
+from runtime.loss import pipeline_loss_fn
+from runtime.mesh import free_port
+from runtime.pipeline import build_pipeline, pipeline_aux_loss, split_into_stage
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                           "tiny-deepseek-v2")
@@ -26,12 +27,6 @@ GLOBAL_BATCH, SEQ_LEN, MICRO_BATCH = 8, 16, 2
 MICROBATCHES = GLOBAL_BATCH // MICRO_BATCH
 TOKENS = GLOBAL_BATCH * (SEQ_LEN - 1)
 TOLERANCE = 1e-5
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(num_layers):
@@ -102,7 +97,7 @@ def _worker(rank, world_size, port, schedule_name, virtual_stages, layer_ranges,
         input_ids = _batch(model.config.vocab_size)
         pipeline = build_pipeline(model, layer_ranges, rank, world_size, dist.group.WORLD, schedule_name,
                                   n_microbatches=MICROBATCHES, virtual_stages=virtual_stages,
-                                  loss_fn=ce_loss_fn(TOKENS), device="cpu")
+                                  loss_fn=pipeline_loss_fn(TOKENS), device="cpu")
         del model
         # Two steps: the first one also infers the stages' shapes (PipelineStage's dynamic mode runs
         # an extra forward then), the second one reuses them; both must give the reference.
@@ -121,7 +116,7 @@ def _worker(rank, world_size, port, schedule_name, virtual_stages, layer_ranges,
 ])
 def test_pipeline_matches_single_process(schedule_name, virtual_stages, layer_ranges, num_layers):
     world_size = 2
-    mp.spawn(_worker, args=(world_size, _free_port(), schedule_name, virtual_stages, layer_ranges, num_layers),
+    mp.spawn(_worker, args=(world_size, free_port(), schedule_name, virtual_stages, layer_ranges, num_layers),
              nprocs=world_size, join=True)
 
 
@@ -145,7 +140,7 @@ def test_stage_holds_only_its_parameters():
 
 def test_bad_arguments():
     model = _model(3)
-    common = dict(pp_rank=0, pp_size=2, pp_group=None, n_microbatches=4, loss_fn=ce_loss_fn(TOKENS), device="cpu")
+    common = dict(pp_rank=0, pp_size=2, pp_group=None, n_microbatches=4, loss_fn=pipeline_loss_fn(TOKENS), device="cpu")
     with pytest.raises(ValueError, match="schedule"):
         build_pipeline(model, [(0, 2), (2, 3)], schedule_name="GPipe", virtual_stages=1, **common)
     with pytest.raises(ValueError, match="virtual_stages"):

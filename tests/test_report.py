@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from compiler.plan import Plan, Stage
-from compiler.report import pipeline_timeline, write_report
+from compiler.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -85,7 +85,8 @@ def test_report_data_parallel_only(tmp_path):
     assert plan.explanation in text
     assert "| 0 | 0-7 (8 layers) | 0, 1, 2, 3 | embed, head | none |" in text
     assert "| dp | 4 | data parallel:" in text
-    assert "| experts | partition=replicate, dispatch=all-to-all |" in text
+    assert "| experts | replicate | dispatch=all-to-all | - |" in text
+    assert "ops: all replicated" in text  # summarize()
     for d in range(4):
         peak = 10.0 + 1.5 * d
         assert f"| {d} | 0 | dp{d} | {peak:.2f} | 40.00 | {40 - peak:.2f} | 2.00 | 2.00 | 4.00 | " in text
@@ -102,7 +103,8 @@ def test_report_pipeline_expert_parallel(tmp_path):
     assert "| 0 | 0-3 (4 layers) | 0, 1 | embed | full |" in text
     assert "| 1 | 4-7 (4 layers) | 2, 3 | head | none |" in text
     assert "| ep | 2 | expert parallel: routed experts split, tokens exchanged by all-to-all |" in text
-    assert "| experts | partition=expert, dispatch=all-to-all |" in text
+    assert "| experts | expert | dispatch=all-to-all | - |" in text
+    assert "ops: experts expert (all-to-all), others replicated" in text
     for d in range(4):
         stage, peak = d // 2, 10.0 + 1.5 * d
         assert f"| {d} | {stage} | ep{d % 2} | {peak:.2f} | 40.00 | {40 - peak:.2f} |" in text
@@ -145,26 +147,3 @@ def test_report_png_in_other_directory(tmp_path):
     write_report(plan, str(tmp_path / "r.md"), str(tmp_path / "figs" / "r.png"))
     assert "](figs/r.png)" in (tmp_path / "r.md").read_text()
 
-
-def test_1f1b_timeline_has_the_textbook_length():
-    # With equal stages and no communication, 1F1B takes (M + pp - 1) * (forward + backward).
-    for pp, m in [(1, 4), (2, 4), (4, 8), (3, 7)]:
-        boxes, approximate = pipeline_timeline("1F1B", pp, m)
-        assert not approximate
-        assert max(b[5] for b in boxes) == pytest.approx((m + pp - 1) * 3.0)
-        assert len(boxes) == 2 * pp * m
-        # Stage 0 runs pp - 1 warm-up forwards before its first backward.
-        stage0 = [b[1] for b in sorted(boxes, key=lambda b: b[4]) if b[0] == 0]
-        assert stage0[:pp] == ["F"] * pp and stage0[pp] == "B"
-
-
-def test_interleaved_timeline_shrinks_the_bubble():
-    pp, m = 4, 8
-    plain, _ = pipeline_timeline("1F1B", pp, m)
-    interleaved, approximate = pipeline_timeline("Interleaved1F1B", pp, m, virtual_stages=2)
-    assert not approximate
-    assert len(interleaved) == 2 * pp * m * 2
-    assert max(b[5] for b in interleaved) < max(b[5] for b in plain)
-    # Micro-batches that do not divide into groups of pp fall back to a labelled approximation.
-    _, approximate = pipeline_timeline("Interleaved1F1B", pp, 10, virtual_stages=2)
-    assert approximate

@@ -87,7 +87,15 @@ def test_plan_family_matches_single_process(setup, cost_model_inputs, family, re
     record_property("predicted_peak_gib", round(predicted, 3))
     record_property("measured_peak_gib", round(measured, 3))
     print(f"{family}: predicted peak {predicted:.3f} GiB, measured {measured:.3f} GiB")
-    assert predicted > 0 and measured > 0
+    # On a CPU both include the process itself (interpreter, torch, transformers: the cost model's
+    # CPU_PROCESS_GIB), which dominates for the tiny model: about 0.41 GiB predicted against 0.44 GiB
+    # measured on the dev machine (measured / predicted 1.07-1.10 over the families). The band
+    # 0.8x..1.6x holds with margin (also for a heavier torch build's larger resident set) yet fails on
+    # a unit error in either figure (KiB / MiB / GiB are 1024x apart), on a prediction that leaves out
+    # the process (~90x low) and on one off by a factor of 2 either way.
+    ratio = measured / predicted
+    assert 0.8 <= ratio <= 1.6, (f"{family}: measured peak {measured:.3f} GiB is {ratio:.2f}x the predicted "
+                                 f"{predicted:.3f} GiB, outside 0.8x..1.6x")
     ref_losses = losses(setup["reference"])
     got_losses = losses(results)
     assert len(got_losses) == 3
@@ -162,20 +170,23 @@ def test_non_finite_loss_stops_before_the_optimizer_step(setup, tmp_path):
     assert not (tmp_path / "save" / "metrics.jsonl").exists()  # no step was recorded
 
 
-@pytest.mark.parametrize("overrides,world", [(dict(ep=2), 2), (dict(tp=2), 2)])
-def test_hf_checkpoint_is_loaded_into_each_ranks_share(setup, tmp_path, overrides, world):
-    """A directory with HF weights: each rank fills its own share (experts merged as read, sliced by
-    expert or tensor parallelism); with lr 0 the final parameters are the checkpoint's."""
+@pytest.mark.parametrize("overrides,world,safetensors", [(dict(ep=2), 2, True), (dict(tp=2), 2, True),
+                                                         (dict(ep=2), 2, False)])
+def test_hf_checkpoint_is_loaded_into_each_ranks_share(setup, tmp_path, overrides, world, safetensors):
+    """A directory with HF weights (sharded safetensors, or sharded pytorch_model-*.bin read with
+    weights_only): each rank fills its own share (experts merged as read, sliced by expert or tensor
+    parallelism); with lr 0 the final parameters are the checkpoint's."""
     from modeling import build_model
-    from modeling.modeling_deepseek_modifier import merge_experts
+    from modeling.hf_adapter import from_hf
     hf_dir = tmp_path / "hf"
     reference = build_model(setup["config"], seed=11)
-    reference.save_pretrained(str(hf_dir), safe_serialization=True, max_shard_size="200KB")
+    reference.save_pretrained(str(hf_dir), safe_serialization=safetensors, max_shard_size="200KB")
+    assert any(n.endswith(".safetensors" if safetensors else ".bin") for n in os.listdir(hf_dir))
     plan = make_plan(setup["config"], str(hf_dir), seq_len=SEQ, micro_batch_size=MICRO, global_batch_size=GLOBAL,
                      **overrides)
     results = run_plan(plan, world, str(hf_dir), setup["data_dir"], str(tmp_path / "run"), max_steps=1, lr=0.0)
     params = gather_parameters(results, plan)
-    expected = merge_experts(reference.state_dict(), setup["config"])
+    expected = from_hf(reference.state_dict(), setup["config"].n_routed_experts)
     assert params.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(params[name], value), name
@@ -192,3 +203,34 @@ def test_expert_parallel_runs_in_bf16_when_no_data_rank_shares_the_experts(setup
                                dtype="bf16"))
     single, expert = run({}, 1, "single"), run(dict(ep=2), 2, "ep2")
     assert expert == pytest.approx(single, rel=2e-3)
+
+
+@pytest.mark.parametrize("partition", ["expert", "replicate"])
+def test_the_plans_ops_decide_how_the_experts_are_split(setup, tmp_path, partition):
+    """A plan with an ep axis of 2 whose `ops.experts.partition` is edited: "expert" gives each rank
+    half of the experts (all-to-all dispatch), "replicate" keeps every expert on every rank (the ep
+    axis then only splits the data). Either way the run matches one process."""
+    plan = make_plan(setup["config"], setup["model_dir"], ep=2, seq_len=SEQ, micro_batch_size=MICRO,
+                     global_batch_size=GLOBAL)
+    plan.ops["experts"]["partition"] = partition
+    results = run_plan(plan, 2, setup["model_dir"], setup["data_dir"], str(tmp_path / partition))
+    E = setup["config"].n_routed_experts
+    held = [r["params"]["model.layers.1.mlp.experts.gate_up_proj_E2FD"].shape[0] for r in results]
+    assert held == ([E // 2, E // 2] if partition == "expert" else [E, E])
+    for got, ref in zip(losses(results), losses(setup["reference"])):
+        assert abs(got - ref) / abs(ref) < 1e-5
+    params, ref_params = gather_parameters(results, plan), gather_parameters(setup["reference"], make_plan(
+        setup["config"], setup["model_dir"]))
+    for name, ref in ref_params.items():
+        assert ((params[name] - ref).norm() / ref.norm()).item() < 1e-4, name
+
+
+def test_a_plan_whose_ops_do_not_fit_its_mesh_is_refused(setup, tmp_path):
+    plan = make_plan(setup["config"], setup["model_dir"], seq_len=SEQ)
+    plan.ops["experts"]["partition"] = "expert"  # but mesh.ep is 1
+    path = str(tmp_path / "p.json")
+    with open(path, "w") as f:  # (Plan.save would refuse it already)
+        f.write(plan.to_json())
+    r = _run("--model_id", setup["model_dir"], "--dataset_path", setup["data_dir"], "--plan", path,
+             "--runtime_ngpus", "1")
+    assert r.returncode == 2 and "ops.experts.partition" in r.stderr and "Traceback" not in r.stderr

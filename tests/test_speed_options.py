@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from modeling import build_model, load_config
-from modeling.modeling_deepseek_modifier import (
+from modeling.training_form import (
     ATTENTION_BACKENDS,
     COMPILE_SCOPES,
     apply_training_form,
     compile_layers,
     flash_attn_func,
 )
-from runtime.loss import chunked_lm_loss_sum
-from runtime.trainer import RunArgs, RunError, check_speed_options, lm_loss_sum
+from runtime.loss import chunked_lm_loss_sum, lm_loss_sum
+from runtime.preflight import RunError, check_execution
+from runtime.trainer import RunArgs
 from tests.runtime_harness import REPO, gather_parameters, losses, make_plan, run_plan
 
 CONFIGS = os.path.join(REPO, "configs")
@@ -184,10 +185,10 @@ def _plan(config, **kw):
 def test_speed_options_are_checked_before_any_work(options, plan_kw, message):
     args = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1, device="cpu", **options)
     with pytest.raises(RunError, match=re.escape(message)):
-        check_speed_options(args, _plan(_config(), **plan_kw), "p.json")
+        check_execution(args, _plan(_config(), **plan_kw), "p.json")
     ok = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1, device="cpu", dtype="bf16",
                  compile="layer", ce_chunk_tokens=64, defer_grad_sync=True, attention="sdpa_flash_padded")
-    check_speed_options(ok, _plan(_config()), "p.json")
+    check_execution(ok, _plan(_config()), "p.json")
 
 
 def test_train_py_choices_are_the_modules_choices():
@@ -208,12 +209,12 @@ def test_train_py_refuses_compile_in_fp32_on_cpu(tmp_path):
 
 
 def test_fused_adamw_flag_reaches_the_optimizer():
-    from runtime.trainer import _adamw
+    from runtime.step import build_optimizer
     params = [torch.nn.Parameter(torch.zeros(3))]
     base = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1)
-    assert not _adamw(params, base).defaults["fused"]
+    assert not build_optimizer(params, base)[0].defaults["fused"]
     fused = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1, fused_adamw=True)
-    assert _adamw(params, fused).defaults["fused"] is True
+    assert build_optimizer(params, fused)[0].defaults["fused"] is True
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +288,9 @@ def test_deferred_sync_reduces_only_after_the_last_micro_batch(monkeypatch):
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from runtime.mesh import build_mesh
-    from runtime.trainer import apply_data_parallel, defer_grad_sync, free_port
+    from runtime.mesh import free_port
+    from runtime.parallelize import apply_data_parallel
+    from runtime.step import defer_grad_sync
     # a one-rank gloo group in this process; the variables are restored afterwards (a later
     # subprocess would otherwise inherit this port)
     for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
@@ -301,7 +304,7 @@ def test_deferred_sync_reduces_only_after_the_last_micro_batch(monkeypatch):
         models = []
         for deferred in (False, True):
             model = apply_training_form(build_model(config, seed=0)).train()
-            apply_data_parallel([(model, list(model.model.layers))], plan, build_mesh(plan, "cpu"), mp)
+            apply_data_parallel(model, list(model.model.layers), plan, build_mesh(plan, "cpu"), mp, False)
             models.append(model)
         ids = _ids(config, batch=4, seq=16)
         for mb in ids.split(2):

@@ -11,15 +11,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from compiler.annotations import check_shapes, get_op_annotation
-from modeling import build_model, load_config
-from modeling.modeling_deepseek_modifier import (
+from modeling import build_model, load_config, spec
+from modeling.training_form import (
     ROUTER_ANNOTATION,
     MoEBlock,
     apply_training_form,
-    load_hf_weights,
-    merge_experts,
-    split_experts,
 )
+from modeling.hf_adapter import from_hf, load_hf_weights, to_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -89,7 +87,7 @@ def test_training_form_equals_reference_forward_and_backward(name, overrides):
     ref_out.loss.backward()
     out.loss.backward()
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
-    grads = split_experts({n: p.grad for n, p in training.named_parameters()}, config)
+    grads = to_hf({n: p.grad for n, p in training.named_parameters()}, config.n_routed_experts)
     assert grads.keys() == ref_grads.keys()
     for key, ref_grad in ref_grads.items():
         assert ref_grad is not None and ref_grad.abs().sum() > 0, key
@@ -137,15 +135,15 @@ def test_experts_are_merged_into_stacked_parameters():
 def test_split_of_merge_is_bitwise_identity(name):
     config = _config(name)
     state = build_model(config, seed=4, dtype=torch.bfloat16).state_dict()
-    merged = merge_experts(state, config)
+    merged = from_hf(state, config.n_routed_experts)
     assert "model.layers.1.mlp.experts.gate_up_proj_E2FD" in merged
     assert not any(".experts.3." in k for k in merged)
-    back = split_experts(merged, config)
+    back = to_hf(merged, config.n_routed_experts)
     assert back.keys() == state.keys()
     for key, value in state.items():
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
     # and merge(split(merged)) == merged
-    again = merge_experts(back, config)
+    again = from_hf(back, config.n_routed_experts)
     assert all(torch.equal(again[k], merged[k]) for k in merged)
 
 
@@ -153,8 +151,8 @@ def test_merge_names_the_missing_expert():
     config = _config("tiny-deepseek-v2")
     state = build_model(config, seed=0).state_dict()
     del state["model.layers.2.mlp.experts.5.up_proj.weight"]
-    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.experts: up_proj of expert\(s\) \[5\] missing"):
-        merge_experts(state, config)
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight missing"):
+        from_hf(state, config.n_routed_experts)
 
 
 @pytest.mark.parametrize("max_shard_size", ["1GB", "60KB"])
@@ -168,7 +166,7 @@ def test_training_form_loads_a_hf_checkpoint_directory(tmp_path, max_shard_size)
     training = apply_training_form(build_model(config, device="meta"))
     load_hf_weights(training, str(tmp_path))
     assert all(p.device.type == "cpu" for p in training.parameters())
-    merged = merge_experts(reference.state_dict(), config)
+    merged = from_hf(reference.state_dict(), config.n_routed_experts)
     for key, value in training.state_dict().items():
         assert torch.equal(value, merged[key]), key
     ids = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
@@ -288,15 +286,13 @@ def test_injected_balance_loss_gradient_equals_adding_it_to_the_loss():
     config = _config("tiny-deepseek-v2")
     added = apply_training_form(build_model(config, seed=7)).train()
     injected = copy.deepcopy(added)
-    for module in injected.modules():
-        if isinstance(module, MoEBlock):
-            module.aux_loss_grad_scale = 0.5
+    # the whole model as one pipeline stage: its blocks inject the balance-loss gradient (scale 0.5)
+    stage = spec.StageModule(injected, (0, config.num_hidden_layers), has_embed=True, has_head=True,
+                             aux_loss_grad_scale=0.5)
     ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
     out = added(input_ids=ids, labels=ids)
     (out.lm_loss + 0.5 * out.aux_loss).backward()
-    hidden, aux_losses = injected.model.run_layers(injected.model.embed_tokens(ids), injected.model.layers)
-    assert aux_losses == []
-    logits = injected.head_logits(hidden)
+    logits = stage(ids)
     torch.testing.assert_close(logits, out.logits)
     lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1))
     lm.backward()

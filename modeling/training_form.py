@@ -8,48 +8,37 @@
   autograd, and an annotation in the compiler's registry saying how it may be partitioned;
 * each MoE layer's experts are merged into stacked parameters (`gate_up_proj_E2FD`: gate and up
   of every expert, `down_proj_EDF`) computed by permute -> grouped GEMM -> unpermute
-  (`moe_utils.py`);
+  (`kernels.py`);
 * attention runs through `scaled_dot_product_attention` (PyTorch's choice of kernel, or one kernel
   forced: `ATTENTION_BACKENDS`), or flash-attn when it is installed.
 
 `compile_layers(layers, scope)` optionally compiles the decoder layers (or only their RMSNorm and
 rotary embedding) with `torch.compile`, for speed on GPUs.
 
-Outputs equal the reference's to float tolerance, forward and backward. `merge_experts` and
-`split_experts` convert state dicts between the Hugging Face per-expert names and the merged names,
-bitwise exactly; `load_hf_weights` reads a checkpoint directory straight into a training-form model.
+Outputs equal the reference's to float tolerance, forward and backward. The names of the merged
+experts and their Hugging Face counterparts are mapped in `hf_adapter.py`, the one place that
+knows them.
 """
 
-import json
-import os
-import re
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compiler.annotations import annotate
 
-from . import moe_utils
+from . import hf_adapter, kernels
+from .kernels import ATTENTION_BACKENDS, default_attention_backend, flash_attn_func
 from .modeling_deepseek import (
     DeepseekAttention,
     DeepseekMoE,
     DeepseekRMSNorm,
     DeepseekV2Attention,
     apply_rotary_pos_emb,
-    causal_attention_mask,
-    eager_attention,
     gate_scores,
     load_balance_loss,
     rms_norm,
     scale_topk_weights,
     select_topk_experts,
 )
-
-try:  # optional accelerator
-    from flash_attn import flash_attn_func
-except Exception:  # noqa: BLE001
-    flash_attn_func = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,8 +159,6 @@ class MergedExperts(nn.Module):
     down_proj_EDF[e] its down_proj.weight. Keeping gate and up on their own axis (rather than
     concatenated along F) lets a tensor-parallel plan split F with a plain shard of dim 2."""
 
-    # the intermediate (F) dim of each parameter, which tensor parallelism splits
-    TP_SHARD_DIMS = {"gate_up_proj_E2FD": 2, "down_proj_EDF": 2}
 
     def __init__(self, num_experts, hidden_size, intermediate_size, device=None, dtype=None):
         super().__init__()
@@ -183,20 +170,43 @@ class MergedExperts(nn.Module):
 
     @classmethod
     def from_experts(cls, experts):
-        """Stacks a ModuleList of DeepseekMLP (meta or real) into one MergedExperts."""
+        """Stacks a ModuleList of DeepseekMLP (meta or real) into one MergedExperts, with the
+        layout hf_adapter defines."""
         first = experts[0]
         merged = cls(len(experts), first.hidden_size, first.intermediate_size,
                      device=first.gate_proj.weight.device, dtype=first.gate_proj.weight.dtype)
         if first.gate_proj.weight.device.type != "meta":
+            per_expert = {f"layer.mlp.experts.{i}.{name}": t for i, e in enumerate(experts)
+                          for name, t in e.state_dict().items()}
+            stacked = hf_adapter.from_hf(per_expert, len(experts))
             with torch.no_grad():
-                merged.gate_up_proj_E2FD.copy_(torch.stack(
-                    [torch.stack([e.gate_proj.weight, e.up_proj.weight]) for e in experts]))
-                merged.down_proj_EDF.copy_(torch.stack([e.down_proj.weight for e in experts]))
+                for name, param in merged.named_parameters():
+                    param.copy_(stacked[f"layer.mlp.experts.{name}"])
         return merged
 
     def forward(self, x_TD, topk_idx_TK, topk_weight_TK):
-        return moe_utils.expert_swiglu(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj_E2FD,
-                                       self.down_proj_EDF, backend=self.grouped_mm_backend)
+        return routed_experts(expert_weights(self), x_TD, topk_idx_TK, topk_weight_TK, self.grouped_mm_backend)
+
+
+# The stacked expert parameters, in the order the expert kernels take them. A runtime that splits
+# the experts (over experts or over their intermediate dim) keeps these names and calls the two
+# functions below with its own pieces, so checkpoints and optimizer state keep one naming.
+EXPERT_PARAMETERS = ("gate_up_proj_E2FD", "down_proj_EDF")
+
+
+def expert_weights(module):
+    """The stacked expert tensors of a module holding EXPERT_PARAMETERS (local parts of DTensors)."""
+    return tuple(getattr(module, name) for name in EXPERT_PARAMETERS)
+
+
+def routed_experts(weights, x_TD, topk_idx_TK, topk_weight_TK, backend="torch"):
+    """sum_k w_tk * expert_{idx_tk}(x_t) over a token's K choices, weights = expert_weights(...)."""
+    return kernels.expert_swiglu(x_TD, topk_idx_TK, topk_weight_TK, *weights, backend=backend)
+
+
+def routed_experts_grouped(weights, x_grouped_ND, weight_N1, group_end_offsets_E, backend="torch"):
+    """Each expert's weighted output on rows already grouped by expert (expert parallelism)."""
+    return kernels.grouped_swiglu(x_grouped_ND, weight_N1, group_end_offsets_E, *weights, backend=backend)
 
 
 class _AddAuxLossGrad(torch.autograd.Function):
@@ -218,7 +228,7 @@ class _AddAuxLossGrad(torch.autograd.Function):
 
 class MoEBlock(nn.Module):
     """Training form of DeepseekMoE: router op, merged experts, shared experts; same parameter names
-    as the reference except the experts (see merge_experts).
+    as the reference except the experts (see hf_adapter).
 
     By default the balance loss is returned to the caller, which adds it to the training loss. With
     `aux_loss_grad_scale` set (a float), its gradient times that scale is injected in the backward
@@ -245,76 +255,6 @@ class MoEBlock(nn.Module):
             self.last_aux_loss = aux_loss.detach()
             return _AddAuxLossGrad.apply(y_BSD, aux_loss, self.aux_loss_grad_scale), None
         return y_BSD, aux_loss
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention backends
-# ----------------------------------------------------------------------------------------------
-def sdpa_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
-    """scaled_dot_product_attention; causal without a padding mask, else an explicit boolean mask."""
-    dropout_p = dropout_p if training else 0.0
-    if padding_mask is None:
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True,
-                                              scale=softmax_scale)
-    B, _, S, _ = query.shape
-    allowed = causal_attention_mask(padding_mask, B, S, query.dtype, query.device) == 0
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout_p,
-                                          scale=softmax_scale)
-
-
-def flash_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
-    """flash-attn (bf16/fp16 on CUDA, causal, no padding). MLA's value head (128) is narrower than
-    its query/key head (192): values are zero-padded to the query width and the result sliced."""
-    if padding_mask is not None or query.dtype not in (torch.float16, torch.bfloat16) or not query.is_cuda:
-        return sdpa_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training)
-    v_dim = value.shape[-1]
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash-attn wants [B, S, H, d]
-    if v_dim < q.shape[-1]:
-        v = F.pad(v, (0, q.shape[-1] - v_dim))
-    out = flash_attn_func(q, k, v, dropout_p=dropout_p if training else 0.0, softmax_scale=softmax_scale,
-                          causal=True)
-    return out[..., :v_dim].transpose(1, 2)
-
-
-def _sdpa_forced(backend, pad_value=False):
-    """scaled_dot_product_attention restricted to one kernel (causal, no padding mask; with a padding
-    mask the plain sdpa path runs). PyTorch's automatic choice can be a slower kernel than the best
-    eligible one, and MLA's value head (128) narrower than its query/key head (192) rules out its
-    flash kernel; with pad_value the values are zero-padded to the query width (the padded output
-    columns are zero and sliced off), which makes flash eligible at the price of a wider P.V
-    product. A kernel that cannot run these inputs raises (PyTorch's warnings say why): nothing
-    falls back silently to another kernel."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    kernel = getattr(SDPBackend, backend)
-
-    def attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
-        if padding_mask is not None:
-            return sdpa_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training)
-        v_dim = value.shape[-1]
-        if pad_value and v_dim < query.shape[-1]:
-            value = F.pad(value, (0, query.shape[-1] - v_dim))
-        with sdpa_kernel([kernel]):
-            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p if training else 0.0,
-                                                 is_causal=True, scale=softmax_scale)
-        return out[..., :v_dim] if out.shape[-1] != v_dim else out
-
-    attention.__name__ = f"sdpa_{backend.lower()}" + ("_padded" if pad_value else "")
-    return attention
-
-
-sdpa_flash_padded_attention = _sdpa_forced("FLASH_ATTENTION", pad_value=True)
-sdpa_efficient_attention = _sdpa_forced("EFFICIENT_ATTENTION")
-sdpa_cudnn_attention = _sdpa_forced("CUDNN_ATTENTION")
-
-# name -> kernel; "sdpa" lets PyTorch choose among the kernels eligible for the inputs, the
-# sdpa_* ones force one (efficient and cudnn need CUDA; flash_padded runs on CPUs too).
-ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash": flash_attention,
-                      "sdpa_flash_padded": sdpa_flash_padded_attention,
-                      "sdpa_efficient": sdpa_efficient_attention, "sdpa_cudnn": sdpa_cudnn_attention}
-
-
-def default_attention_backend():
-    return "flash" if flash_attn_func is not None else "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,8 +329,8 @@ def apply_training_form(model, attention=None, grouped_mm_backend="torch"):
     if attention == "flash" and flash_attn_func is None:
         raise ValueError("attention backend 'flash' needs the flash-attn package, which is not installed; "
                          "use sdpa or sdpa_flash_padded (PyTorch's own flash kernel)")
-    if grouped_mm_backend not in moe_utils.GROUPED_MM_BACKENDS:
-        raise ValueError(f"grouped_mm_backend {grouped_mm_backend!r}: choose one of {moe_utils.GROUPED_MM_BACKENDS}")
+    if grouped_mm_backend not in kernels.GROUPED_MM_BACKENDS:
+        raise ValueError(f"grouped_mm_backend {grouped_mm_backend!r}: choose one of {kernels.GROUPED_MM_BACKENDS}")
     if is_training_form(model):
         raise ValueError("model is already in the training form")
     for layer in model.model.layers:
@@ -407,107 +347,3 @@ def is_training_form(model):
         getattr(layer.self_attn, "attention_fn", None) in
         [fn for name, fn in ATTENTION_BACKENDS.items() if name != "eager"]
         for layer in model.model.layers)
-
-
-# ----------------------------------------------------------------------------------------------
-# State-dict conversion between HF per-expert names and merged names
-# ----------------------------------------------------------------------------------------------
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-_MERGED_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<name>gate_up_proj_E2FD|down_proj_EDF)$")
-
-
-def merge_experts(state_dict, config):
-    """HF names (`...mlp.experts.{i}.{gate,up,down}_proj.weight`) -> `...mlp.experts.gate_up_proj_E2FD`
-    and `...mlp.experts.down_proj_EDF`.
-
-    Raises ValueError naming the layer and projection if an expert is missing."""
-    out, layers = {}, {}
-    for key, value in state_dict.items():
-        m = _EXPERT_KEY.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        layers.setdefault(m["prefix"], {}).setdefault(m["proj"], {})[int(m["idx"])] = value
-    expected = set(range(config.n_routed_experts))
-    for prefix, projections in layers.items():
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            missing = sorted(expected - set(projections.get(proj, {})))
-            if missing:
-                raise ValueError(f"{prefix}: {proj} of expert(s) {missing[:8]} missing; a layer needs all "
-                                 f"{config.n_routed_experts} experts (n_routed_experts) to be merged")
-        gate, up, down = ([projections[proj][i] for i in range(config.n_routed_experts)]
-                          for proj in ("gate_proj", "up_proj", "down_proj"))
-        out[f"{prefix}.gate_up_proj_E2FD"] = torch.stack([torch.stack(pair) for pair in zip(gate, up)])
-        out[f"{prefix}.down_proj_EDF"] = torch.stack(down)
-    return out
-
-
-def split_experts(state_dict, config):
-    """Inverse of merge_experts: stacked tensors -> one HF-named tensor per expert."""
-    out = {}
-    for key, value in state_dict.items():
-        m = _MERGED_KEY.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        if value.shape[0] != config.n_routed_experts:
-            raise ValueError(f"{key}: first dim {value.shape[0]} != n_routed_experts {config.n_routed_experts}")
-        prefix = m["prefix"]
-        for i, tensor in enumerate(value.unbind(0)):
-            if m["name"] == "down_proj_EDF":
-                out[f"{prefix}.{i}.down_proj.weight"] = tensor.clone()
-            else:
-                out[f"{prefix}.{i}.gate_proj.weight"] = tensor[0].clone()
-                out[f"{prefix}.{i}.up_proj.weight"] = tensor[1].clone()
-    return out
-
-
-def _checkpoint_files(model_dir):
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(model_dir, n) for n in names]
-    single = os.path.join(model_dir, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    bins = sorted(n for n in os.listdir(model_dir) if re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin", n))
-    if bins:
-        return [os.path.join(model_dir, n) for n in bins]
-    return []
-
-
-def has_hf_weights(model_dir):
-    return os.path.isdir(model_dir) and bool(_checkpoint_files(model_dir))
-
-
-def read_hf_state_dict(model_dir):
-    """All tensors of a HF checkpoint directory (safetensors shards, or .bin read with weights_only)."""
-    files = _checkpoint_files(model_dir)
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or "
-                                "pytorch_model*.bin found")
-    state = {}
-    for path in files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: listed in the checkpoint index but missing")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state.update(load_file(path))
-        else:
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
-    return state
-
-
-def load_hf_weights(model, model_dir, strict=True):
-    """Loads a HF checkpoint directory into a training-form model (experts merged as they are read).
-
-    Works for a model on the meta device too: tensors are assigned, not copied."""
-    state = merge_experts(read_hf_state_dict(model_dir), model.config)
-    dtype = next(model.parameters()).dtype
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    on_meta = any(p.device.type == "meta" for p in model.parameters())
-    result = model.load_state_dict(state, strict=strict, assign=on_meta)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return result

@@ -15,6 +15,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .modeling_deepseek import causal_attention_mask, eager_attention
+
+try:  # optional accelerator
+    from flash_attn import flash_attn_func
+except Exception:  # noqa: BLE001
+    flash_attn_func = None
+
 try:  # optional CUDA kernel package (https://github.com/fanshiqing/grouped_gemm)
     import grouped_gemm as _grouped_gemm_pkg
 except Exception:  # noqa: BLE001 - any import failure means "not available"
@@ -40,7 +47,7 @@ def _is_compile_failure(error):
 STATIC_SHAPES = 4  # distinct shapes compiled with static sizes before switching to a symbolic row count
 
 
-def _compiled_on_cuda(fn):
+def compiled_on_cuda(fn):
     """fn itself on the CPU and the meta device; on CUDA, one fused kernel made by torch.compile.
 
     Used for the memory-bound elementwise and gather-reduce work between the grouped GEMMs, where
@@ -138,7 +145,7 @@ class _CombineRows(torch.autograd.Function):
         return grad_TD.index_select(0, sorted_tokens_N), None, None, None
 
 
-@_compiled_on_cuda
+@compiled_on_cuda
 def _sum_slots(rows_ND, slot_position_N, top_k):
     """Rows in sorted order -> per-token sums [T, D] (float32 accumulation, input dtype out).
 
@@ -152,14 +159,14 @@ def _sum_slots(rows_ND, slot_position_N, top_k):
     return total.to(rows_ND.dtype)
 
 
-@_compiled_on_cuda
+@compiled_on_cuda
 def _weighted_swiglu_forward(gate_up_N2F, weight_N1):
     """silu(gate) * up * weight, in float32, rounded once to the input dtype."""
     gate, up = gate_up_N2F.float().chunk(2, dim=-1)
     return (F.silu(gate) * up * weight_N1).to(gate_up_N2F.dtype)
 
 
-@_compiled_on_cuda
+@compiled_on_cuda
 def _weighted_swiglu_backward(gate_up_N2F, weight_N1, grad_h_NF):
     gate, up = gate_up_N2F.float().chunk(2, dim=-1)
     grad_h = grad_h_NF.float()
@@ -196,12 +203,13 @@ def weighted_swiglu(gate_up_N2F, weight_N1):
 
 def sort_slots(topk_idx_TK):
     """Groups the slots by expert. Returns (sorted_slots_N, sorted_tokens_N, slot_position_N,
-    group_end_offsets_E).
+    sorted_experts_N).
 
     Position j of the sorted order holds slot sorted_slots_N[j], which belongs to token
-    sorted_tokens_N[j] = sorted_slots_N[j] // K; slot s sits at position slot_position_N[s];
-    group_end_offsets_E[e] (int32) is where expert e's rows end. A stable sort keeps tokens in
-    order within an expert, which makes the result independent of the sort implementation.
+    sorted_tokens_N[j] = sorted_slots_N[j] // K and expert sorted_experts_N[j] (int32, ascending:
+    `group_end_offsets` turns it into each expert's end row); slot s sits at position
+    slot_position_N[s]. A stable sort keeps tokens in order within an expert, which makes the result
+    independent of the sort implementation.
     """
     top_k = topk_idx_TK.shape[-1]
     num_slots = topk_idx_TK.numel()
@@ -258,14 +266,91 @@ def expert_swiglu(x_TD, topk_idx_TK, topk_weight_TK, gate_up_E2FD, down_EDF, bac
     float32; the K slots of a token are summed in float32. No [T*K, D] float32 tensor is ever
     materialised and no operator waits for the host.
     """
-    E, _, F_, D = gate_up_E2FD.shape
     top_k = topk_idx_TK.shape[-1]
     sorted_slots_N, sorted_tokens_N, slot_position_N, sorted_experts_N = sort_slots(topk_idx_TK)
     x_sorted_ND = permute(x_TD, sorted_tokens_N, slot_position_N, top_k)
-    offsets_E = group_end_offsets(sorted_experts_N, E)
-    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)) if backend == "grouped_gemm" else None
+    offsets_E = group_end_offsets(sorted_experts_N, gate_up_E2FD.shape[0])
     weight_N1 = topk_weight_TK.reshape(-1).index_select(0, sorted_slots_N).unsqueeze(-1)
-    gate_up_N2F = grouped_mm(x_sorted_ND, gate_up_E2FD.reshape(E, 2 * F_, D), offsets_E, counts_E, backend)
-    h_NF = weighted_swiglu(gate_up_N2F, weight_N1)
-    y_sorted_ND = grouped_mm(h_NF, down_EDF, offsets_E, counts_E, backend)
+    y_sorted_ND = grouped_swiglu(x_sorted_ND, weight_N1, offsets_E, gate_up_E2FD, down_EDF, backend)
     return unpermute(y_sorted_ND, sorted_tokens_N, slot_position_N, top_k)
+
+
+def grouped_swiglu(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2FD, down_EDF, backend="torch"):
+    """Each expert's weighted SwiGLU on its rows, the rows already grouped by expert: [N, D]."""
+    E, _, F_, D = gate_up_E2FD.shape
+    counts_E = None
+    if backend == "grouped_gemm":  # that backend wants per-group sizes
+        counts_E = torch.diff(group_end_offsets_E, prepend=group_end_offsets_E.new_zeros(1))
+    gate_up_N2F = grouped_mm(x_grouped_ND, gate_up_E2FD.reshape(E, 2 * F_, D), group_end_offsets_E, counts_E, backend)
+    h_NF = weighted_swiglu(gate_up_N2F, weight_N1)
+    return grouped_mm(h_NF, down_EDF, group_end_offsets_E, counts_E, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention backends
+# ----------------------------------------------------------------------------------------------
+def sdpa_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
+    """scaled_dot_product_attention; causal without a padding mask, else an explicit boolean mask."""
+    dropout_p = dropout_p if training else 0.0
+    if padding_mask is None:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True,
+                                              scale=softmax_scale)
+    B, _, S, _ = query.shape
+    allowed = causal_attention_mask(padding_mask, B, S, query.dtype, query.device) == 0
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout_p,
+                                          scale=softmax_scale)
+
+
+def flash_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
+    """flash-attn (bf16/fp16 on CUDA, causal, no padding). MLA's value head (128) is narrower than
+    its query/key head (192): values are zero-padded to the query width and the result sliced."""
+    if padding_mask is not None or query.dtype not in (torch.float16, torch.bfloat16) or not query.is_cuda:
+        return sdpa_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training)
+    v_dim = value.shape[-1]
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash-attn wants [B, S, H, d]
+    if v_dim < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - v_dim))
+    out = flash_attn_func(q, k, v, dropout_p=dropout_p if training else 0.0, softmax_scale=softmax_scale,
+                          causal=True)
+    return out[..., :v_dim].transpose(1, 2)
+
+
+def _sdpa_forced(backend, pad_value=False):
+    """scaled_dot_product_attention restricted to one kernel (causal, no padding mask; with a padding
+    mask the plain sdpa path runs). PyTorch's automatic choice can be a slower kernel than the best
+    eligible one, and MLA's value head (128) narrower than its query/key head (192) rules out its
+    flash kernel; with pad_value the values are zero-padded to the query width (the padded output
+    columns are zero and sliced off), which makes flash eligible at the price of a wider P.V
+    product. A kernel that cannot run these inputs raises (PyTorch's warnings say why): nothing
+    falls back silently to another kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kernel = getattr(SDPBackend, backend)
+
+    def attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
+        if padding_mask is not None:
+            return sdpa_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training)
+        v_dim = value.shape[-1]
+        if pad_value and v_dim < query.shape[-1]:
+            value = F.pad(value, (0, query.shape[-1] - v_dim))
+        with sdpa_kernel([kernel]):
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p if training else 0.0,
+                                                 is_causal=True, scale=softmax_scale)
+        return out[..., :v_dim] if out.shape[-1] != v_dim else out
+
+    attention.__name__ = f"sdpa_{backend.lower()}" + ("_padded" if pad_value else "")
+    return attention
+
+
+sdpa_flash_padded_attention = _sdpa_forced("FLASH_ATTENTION", pad_value=True)
+sdpa_efficient_attention = _sdpa_forced("EFFICIENT_ATTENTION")
+sdpa_cudnn_attention = _sdpa_forced("CUDNN_ATTENTION")
+
+# name -> kernel; "sdpa" lets PyTorch choose among the kernels eligible for the inputs, the
+# sdpa_* ones force one (efficient and cudnn need CUDA; flash_padded runs on CPUs too).
+ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash": flash_attention,
+                      "sdpa_flash_padded": sdpa_flash_padded_attention,
+                      "sdpa_efficient": sdpa_efficient_attention, "sdpa_cudnn": sdpa_cudnn_attention}
+
+
+def default_attention_backend():
+    return "flash" if flash_attn_func is not None else "sdpa"

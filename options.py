@@ -1,0 +1,211 @@
+"""Every option of the pipeline, declared once.
+
+Each option is a dataclass field with its default and its help text; `train.py`'s flags are
+generated from these fields (`add_flags`, `from_flags`), the runtime takes a `RunOptions`, the
+compiler a `CompileOptions`, and a plan records the `ExecutionOptions` it was costed with, which the
+cost model prices and the run executes. A default therefore lives here and nowhere else.
+
+    ExecutionOptions   how a step is computed (attention kernel, compiled layers, chunked loss,
+                       AdamW kind, gradient-sync policy): changes speed and memory, not the result
+    PlanOptions        which plan: the model, devices, batch shape, device profile, memory limit
+    CompileOptions     PlanOptions + ExecutionOptions + what compile writes
+    RunOptions         PlanOptions + ExecutionOptions + the training loop, checkpoints
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from errors import UserError
+from modeling.kernels import ATTENTION_BACKENDS
+from modeling.training_form import COMPILE_SCOPES
+
+# which argparse group a flag is listed under in --help
+GROUPS = {
+    "model": "model and data",
+    "plan": "parallel plan",
+    "train": "training",
+    "execution": "execution (how a step is computed: speed and memory, not the result; each measured by "
+                 "bench/train_step.py). Given to compile, they are recorded in the plan and costed; a run uses "
+                 "the plan's unless it sets its own. Unset everywhere: the plain path",
+}
+
+
+def option(default, help, group, *, choices=None, flag=None, cli=True):
+    """A dataclass field that is also a train.py flag. flag: the flag's name if not --<field>
+    (a boolean whose flag turns it off, e.g. --no_final_save). cli=False: an option of the API
+    (tests, benchmarks) that has no flag."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "flag": flag,
+                                            "cli": cli})
+
+
+ATTENTION_KERNELS = tuple(ATTENTION_BACKENDS)
+
+
+@dataclass
+class ExecutionOptions:
+    attention: Optional[str] = option(
+        None, "attention kernel: sdpa lets PyTorch choose; sdpa_flash_padded forces its flash kernel (MLA's "
+              "128-wide values zero-padded to the 192-wide query/key head); sdpa_efficient, sdpa_cudnn force "
+              "those kernels (CUDA only); flash needs the flash-attn package. Unset: flash if installed, else sdpa",
+        "execution", choices=ATTENTION_KERNELS)
+    compile: str = option(
+        "none", "torch.compile of each decoder layer's forward (layer), the same with the routed experts left "
+                "eager (layer_eager_experts), or only RMSNorm and RoPE as fused kernels (norm_rope); needs bf16 "
+                "compute; the first step includes the compile time", "execution", choices=COMPILE_SCOPES)
+    ce_chunk_tokens: int = option(
+        0, "compute the cross-entropy from the final hidden states this many positions at a time, never "
+           "holding the full float32 logits (0: the plain loss over full logits; plans without pipeline stages)",
+        "execution")
+    fused_adamw: bool = option(False, "AdamW's fused kernel instead of the foreach one", "execution")
+    defer_grad_sync: bool = option(
+        False, "ZeRO 0 plans: accumulate gradients over the step's micro-batches (float32) and reduce them once, "
+               "keeping the bf16 weight copies gathered in between", "execution")
+
+    # The options that change a step's cost, as a plan records them (the attention kernel is the
+    # run's choice of implementation; the cost model prices the kernel the trace sees).
+    COSTED = ("compile", "ce_chunk_tokens", "fused_adamw", "defer_grad_sync")
+
+    def costed(self):
+        """The cost-relevant options that differ from the plain path: a plan's `execution` field."""
+        defaults = ExecutionOptions()
+        return {name: getattr(self, name) for name in self.COSTED if getattr(self, name) != getattr(defaults, name)}
+
+    @classmethod
+    def from_plan(cls, recorded, source="<plan>"):
+        """The options a plan's `execution` field records (the others at their defaults)."""
+        recorded = recorded or {}
+        unknown = sorted(set(recorded) - set(cls.COSTED))
+        if unknown:
+            raise UserError(f"{source}: field `execution` has unknown option(s) {unknown}; known: "
+                            f"{list(cls.COSTED)}; recompile the plan")
+        return cls(**recorded)
+
+    def execution(self):
+        """Just the execution options of a larger options object."""
+        return ExecutionOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ExecutionOptions)})
+
+
+@dataclass
+class PlanOptions:
+    model_id: Optional[str] = option(
+        None, "a local directory with config.json (and optionally HF weights), e.g. configs/tiny-deepseek-v2, "
+              "or a Hugging Face hub id", "model")
+    plan_ngpus: Optional[int] = option(None, "devices one copy of the plan spans", "plan")
+    runtime_ngpus: Optional[int] = option(
+        None, "devices of the run; a multiple of --plan_ngpus, the plan being replicated runtime_ngpus / "
+              "plan_ngpus times (default: --plan_ngpus)", "plan")
+    plan: Optional[str] = option(None, "plan file to run or inspect (default: found in plans/ by model and P)",
+                                 "plan")
+    seq_len: Optional[int] = option(
+        None, "tokens per sequence (compile: default 2048; run: the plan's, and a different value is refused)",
+        "model")
+    micro_batch_size: Optional[int] = option(
+        None, "sequences per micro-batch (compile: default 4; run: the plan's, and a different value is refused)",
+        "train")
+    global_batch_size: Optional[int] = option(
+        None, "sequences per optimizer step (compile: default 64; run: the plan's, and a different value is "
+              "refused)", "train")
+    plans_dir: str = option("plans", "where compiled plans are written and looked up", "plan", cli=False)
+
+
+COMPILE_DEFAULTS = {"seq_len": 2048, "micro_batch_size": 4, "global_batch_size": 64}
+
+
+@dataclass
+class CompileOptions(PlanOptions, ExecutionOptions):
+    plan_out: Optional[str] = option(None, "where compile writes the plan (default plans/<model>-<P>gpu.json)",
+                                     "plan")
+    plan_rank: int = option(
+        1, "compile: write the K-th best plan instead of the best (2 = the first runner-up), to measure the "
+           "search's ranking", "plan")
+    mem_limit_gib: float = option(64.0, "memory limit per device for the search", "plan")
+    device_profile: str = option("h100", "h100, h200, cpu, or a profile JSON file, for the cost model", "plan")
+    report: bool = option(True, "write the Markdown and PNG report beside the plan", "plan", cli=False)
+    compute_dtype: Optional[str] = option(
+        None, "bf16 (default on GPUs) or fp32 (default for the cpu profile)", "plan", cli=False)
+
+    def __post_init__(self):
+        for name, default in COMPILE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+
+
+@dataclass
+class RunOptions(PlanOptions, ExecutionOptions):
+    dataset_path: Optional[str] = option(None, "a dataset saved by bookcorpus.py (column input_ids)", "model")
+    tokenizer_path: Optional[str] = option(
+        None, "directory whose tokenizer files are kept with each checkpoint, for merge_ckpt.py (default: the "
+              "tokenizer files of --model_id, if it has any)", "model")
+    max_steps: int = option(1000, "optimizer steps to run", "train")
+    lr: float = option(3e-4, "peak learning rate (AdamW, betas 0.9 / 0.95)", "train")
+    weight_decay: float = option(0.1, "AdamW weight decay", "train")
+    warmup_steps: int = option(100, "linear warmup steps", "train")
+    seed: int = option(0, "seed of initialisation and data order", "train")
+    device: str = option("cuda", "cuda (NCCL) or cpu (gloo)", "train", choices=("cuda", "cpu"))
+    dtype: Optional[str] = option(
+        None, "compute dtype; master weights and optimizer state stay fp32 (default: bf16 on cuda, fp32 on cpu)",
+        "train", choices=("bf16", "fp32"))
+    save_dir: str = option("checkpoints", "checkpoints, metrics.jsonl, TensorBoard", "train")
+    save_every: int = option(0, "save a sharded checkpoint every N steps (0: only after the last step)", "train")
+    final_save: bool = option(True, "do not save a checkpoint after the last step (saved by default)", "train",
+                              flag="--no_final_save")
+    keep_last: Optional[int] = option(None, "committed checkpoints to keep (default: all)", "train")
+    resume_path: Optional[str] = option(
+        None, "resume from a checkpoint directory, or `last` for the newest one in --save_dir", "train")
+    progress: bool = option(True, "show a progress bar on rank 0", "train", cli=False)
+    compile_backend: str = option("inductor", "torch.compile backend (aot_eager for CPU tests)", "execution",
+                                  cli=False)
+
+
+# ---- argparse ------------------------------------------------------------------------------------------
+def _flag_fields(*classes):
+    seen = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli") and f.name not in seen:
+                seen[f.name] = f
+    return list(seen.values())
+
+
+def add_flags(parser, *classes):
+    """One flag per option of `classes` (each once), in argparse groups; defaults stay None so that
+    `from_flags` can tell a flag given from one left out."""
+    fields = _flag_fields(*classes)
+    used = {f.metadata["group"] for f in fields}
+    groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items() if name in used}
+    for f in fields:
+        group = groups[f.metadata["group"]]
+        flag = f.metadata["flag"] or f"--{f.name}"
+        help_text = f.metadata["help"]
+        if f.type in (bool, "bool"):
+            action = "store_false" if flag.startswith("--no_") else "store_true"
+            group.add_argument(flag, dest=f.name, action=action, default=None, help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(_base_type(f), str)
+        shown = "" if f.default is None else f" (default: {f.default})"
+        group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata["choices"],
+                           help=help_text + shown)
+
+
+def _base_type(f):
+    text = str(f.type)
+    for name in ("int", "float", "str", "bool"):
+        if name in text:
+            return name
+    return "str"
+
+
+def given_flags(namespace, cls):
+    """{option: value} of the flags the user gave that belong to `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(namespace).items() if k in names and v is not None}
+
+
+def from_flags(namespace, cls):
+    """An options object of `cls` from parsed flags: the given ones, the rest at their defaults."""
+    return cls(**given_flags(namespace, cls))
+
+
+def fields_of(cls):
+    return [f.name for f in dataclasses.fields(cls)]

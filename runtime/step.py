@@ -1,0 +1,164 @@
+"""One optimizer step: forward and backward of this rank's share of the global batch, the loss summed
+over the ranks, the gradient norm and clipping, the check for non-finite values, AdamW.
+
+The objective of a step, whatever the plan: J = sum over the global batch's micro-batches of
+CE_sum(mb) / TOKENS + aux(mb) / MICROBATCHES, where TOKENS counts the predicted tokens of the whole
+global batch. Each rank backpropagates its share and gradients are summed across data-parallel
+ranks, so every plan computes the gradient of the same J as a single process does.
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
+
+from modeling import spec
+from runtime.loss import chunked_lm_loss_sum, lm_loss_sum
+from runtime.pipeline import pipeline_aux_loss
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm is not finite: the run stops before the optimizer step."""
+
+
+@dataclass
+class StepShape:
+    tokens: int          # TOKENS: next-token targets of the global batch
+    microbatches: int    # MICROBATCHES: micro-batches of the global batch, every data rank together
+    micro_batch_size: int
+
+
+def forward_backward_step(model, local_batch, shape: StepShape, args):
+    """Forward and backward of a model without pipeline stages over this rank's micro-batches; returns
+    this rank's (cross-entropy part, balance-loss part) of J as float64 scalars."""
+    ce_total = torch.zeros((), dtype=torch.float64, device=local_batch.device)
+    aux_total = torch.zeros((), dtype=torch.float64, device=local_batch.device)
+    micro_batches = local_batch.split(shape.micro_batch_size)
+    for i, mb in enumerate(micro_batches):
+        if args.defer_grad_sync:
+            defer_grad_sync(model, last_microbatch=(i == len(micro_batches) - 1))
+        ce_sum, aux = micro_batch_loss(model, mb, args.ce_chunk_tokens)
+        ce = ce_sum / shape.tokens
+        loss = ce
+        if aux is not None:
+            aux = aux / shape.microbatches
+            loss = loss + aux
+            aux_total += aux.detach().double()
+        loss.backward()
+        ce_total += ce.detach().double()
+    return ce_total, aux_total
+
+
+def micro_batch_loss(model, input_ids, ce_chunk_tokens):
+    """(summed next-token cross-entropy, balance loss or None) of one micro-batch: over full logits,
+    or from the final hidden states `ce_chunk_tokens` positions at a time."""
+    if ce_chunk_tokens:
+        loss = functools.partial(chunked_lm_loss_sum, input_ids_BS=input_ids, chunk_tokens=ce_chunk_tokens)
+        return getattr(model, spec.FORWARD_WITH_HEAD)(input_ids, loss)
+    out = model(input_ids=input_ids)
+    # the float32 logits go with `out`: autograd keeps only what the backward needs
+    return lm_loss_sum(out.logits, input_ids), out.aux_loss
+
+
+def pipeline_step(pipeline, local_batch):
+    """Forward and backward of this rank's pipeline stages; the same two parts of J as above (the
+    cross-entropy part lives on the last stage, the balance-loss part on every stage with MoE)."""
+    ce = pipeline.step(local_batch, local_batch)
+    device = local_batch.device
+    ce_part = torch.zeros((), dtype=torch.float64, device=device) + (0.0 if ce is None else float(ce))
+    aux_part = torch.zeros((), dtype=torch.float64, device=device) + float(pipeline_aux_loss(pipeline.stage_modules))
+    return ce_part, aux_part
+
+
+def defer_grad_sync(model, last_microbatch):
+    """Gradient accumulation without a reduction per micro-batch (plans with ZeRO 0): FSDP keeps each
+    rank's gradients unreduced, accumulated in float32, and the bf16 compute copies of the weights
+    gathered, until the last micro-batch of the step, whose backward reduces once. A no-op for a
+    model FSDP does not wrap (one data rank computing in fp32)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last_microbatch)
+        model.set_reshard_after_backward(last_microbatch)
+
+
+def grad_norm_and_clip(params, max_norm, run_mesh, expert_params):
+    """Global L2 norm of all gradients, each element counted once, then clipped in place.
+
+    Sharded (DTensor Shard) gradients sum their squares over the shard's mesh; expert-parallel
+    gradients over the ep group; pipeline stages over the pp group."""
+    device = next(iter(params)).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    by_group = {}
+    local_grads = []
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad
+        groups = []
+        if isinstance(g, DTensor):
+            groups = [g.device_mesh.get_group(i) for i, pl in enumerate(g.placements) if isinstance(pl, Shard)]
+            g = g.to_local()
+        if id(p) in expert_params:
+            groups.append(run_mesh.group("ep"))
+        g = g.detach()
+        local_grads.append(g)
+        by_group.setdefault(tuple(groups), [groups, []])[1].append(g)
+    for groups, grads in by_group.values():
+        # one multi-tensor pass per group (per-tensor norms in the gradients' dtype; their squares
+        # summed in float64), not one float64 copy of every gradient
+        sq = torch.stack([n.double() for n in torch._foreach_norm(grads)]).pow(2).sum()
+        for group in groups:
+            dist.all_reduce(sq, group=group)
+        total += sq
+    if run_mesh.sizes["pp"] > 1:
+        dist.all_reduce(total, group=run_mesh.group("pp"))
+    norm = total.sqrt()
+    scale = min(1.0, max_norm / (norm.item() + 1e-6))
+    if scale < 1.0 and local_grads:
+        torch._foreach_mul_(local_grads, scale)
+    return norm.item()
+
+
+def build_optimizer(params, args):
+    """AdamW (betas 0.9 / 0.95) in fp32 on the master weights, one parameter group per device mesh so
+    that the fused multi-tensor path never mixes DTensors of different meshes, and the linear warmup."""
+    groups = {}
+    for p in params:
+        key = id(p.device_mesh) if isinstance(p, DTensor) else None
+        groups.setdefault(key, []).append(p)
+    # fused: one kernel per parameter chunk instead of the multi-tensor path's several passes over the
+    # fp32 state (the optimizer step reads and writes 16 bytes of state per parameter)
+    optimizer = torch.optim.AdamW([{"params": g} for g in groups.values()], lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay, eps=1e-8, fused=True if args.fused_adamw else None)
+    warmup = max(1, args.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    return optimizer, scheduler
+
+
+def loss_group(run_mesh):
+    """The ranks whose loss parts add up to J: the data ranks (tensor-parallel ranks hold copies of
+    the same loss), or every rank when pipeline stages hold different parts."""
+    if run_mesh.sizes["pp"] == 1:
+        return run_mesh.data_mesh().get_group()
+    return None
+
+
+def finish_step(step, parts, params, expert_params, run_mesh, optimizer, scheduler):
+    """J summed over the ranks, gradients clipped at norm 1.0, the optimizer and schedule stepped.
+    Returns (loss, cross-entropy part, balance-loss part, gradient norm, learning rate used)."""
+    totals = torch.stack(list(parts))
+    dist.all_reduce(totals, group=loss_group(run_mesh))
+    loss = float(totals.sum())
+    grad_norm = grad_norm_and_clip(params, 1.0, run_mesh, expert_params)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteError(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
+                             "stopped before the optimizer step (lower --lr or check the data)")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return loss, float(totals[0]), float(totals[1]), grad_norm, lr
+
