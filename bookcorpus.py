@@ -18,6 +18,12 @@ Input (``--data_path_or_name``) is a local file or directory, or else a Hugging 
 * a directory: every file in it with one of those extensions, in name order; all of one kind;
 * anything else that does not exist locally and does not look like a path: ``load_dataset(name, split="train")``.
 
+Local text and JSON files must be UTF-8: the first invalid byte is reported by file, line and byte
+before any work. A document of any length is tokenized in bounded memory: one longer than
+``PIECE_CHARS`` characters is tokenized in pieces cut at spaces between words and its ids are
+concatenated (see ``PIECE_CHARS``). Code shipped with a hub tokenizer runs only with
+``--trust_remote_code``.
+
 The work is in importable functions (``load_documents``, ``load_tokenizer``, ``tokenize_and_chunk``,
 ``main``) so tests and other scripts can call them. Problems with the input raise ``BookcorpusError``;
 ``main`` prints those as one ``error: ...`` line on stderr and returns exit code 2, like argparse.
@@ -64,6 +70,19 @@ OUTPUT_FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("
 
 # Documents per batch in the tokenizing map and in the chunking pass.
 BATCH_SIZE = 1000
+
+# Long documents are tokenized in pieces, so memory stays bounded whatever a document's length (a
+# fast tokenizer holds ~100 bytes per token while encoding: a 54 MB line took 9.5 GB at once). A
+# document longer than PIECE_CHARS characters is cut into consecutive pieces of at most that many,
+# each cut made just before a space that has a non-space on both sides (else before any whitespace,
+# else, in a run of PIECE_CHARS characters without whitespace, at PIECE_CHARS), and the pieces'
+# token ids are concatenated. Such a cut is a boundary of byte-level BPE pre-tokenization (the
+# space starts the next word's token), so the ids equal those of the whole document for GPT-2 /
+# DeepSeek style tokenizers; with other tokenizers, or at a forced cut, a token may be split in two
+# at a cut (one cut per PIECE_CHARS characters, only in documents longer than that). One tokenizer
+# call sees at most CALL_CHARS characters (pieces and short documents of a batch are grouped).
+PIECE_CHARS = 1 << 16
+CALL_CHARS = 1 << 20
 
 
 class BookcorpusError(UserError):
@@ -173,6 +192,40 @@ def resolve_data_files(data_path_or_name: str) -> Optional[tuple[str, list[str]]
     return builder, [str(p) for p in files if _has_content(p, builder)]
 
 
+def check_utf8(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> None:
+    """BookcorpusError naming the file, line and column of the first byte sequence of `path` that is
+    not UTF-8. Reads the file in chunks of `chunk_bytes` (bounded memory, about a second per GB).
+
+    Text and JSON input must be UTF-8: the text builder fails without saying where, and the JSON
+    reader keeps the bad bytes, which fail later inside a worker."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    line, column = 1, 0  # the line of the next byte, and the bytes of that line before it
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            pending = decoder.getstate()[0]  # the bytes of an unfinished character from the last chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                data = pending + chunk
+                before = data[: e.start]
+                newlines = before.count(b"\n")
+                col = (len(before) - before.rfind(b"\n") - 1) if newlines else column - len(pending) + len(before)
+                bad = data[e.start : e.start + 1].hex() or "end of file"
+                raise BookcorpusError(
+                    f"{path}: line {line + newlines}, byte {col + 1} is not valid UTF-8 (byte 0x{bad}: "
+                    f"{e.reason}); --data_path_or_name must be UTF-8 text: convert the file, e.g. "
+                    f"`iconv -f latin1 -t utf-8 FILE > FILE.utf8`"
+                ) from None
+            if not chunk:
+                return
+            newlines = chunk.count(b"\n")
+            line += newlines
+            column = (len(chunk) - chunk.rfind(b"\n") - 1) if newlines else column + len(chunk)
+
+
 def _empty_dataset_error(data_path_or_name: str, detail: str) -> BookcorpusError:
     return BookcorpusError(
         f"--data_path_or_name {data_path_or_name}: the data set is empty ({detail}); "
@@ -203,6 +256,9 @@ def load_documents(
         builder, files = resolved
         if not files:
             raise _empty_dataset_error(data_path_or_name, "no documents: the input files are empty")
+        if builder in ("text", "json"):
+            for file in files:
+                check_utf8(file)
         try:
             documents = datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as e:
@@ -254,8 +310,10 @@ def load_documents(
 # --------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(tokenizer_path_or_name: str):
-    """AutoTokenizer.from_pretrained(tokenizer_path_or_name), with errors in our words."""
+def load_tokenizer(tokenizer_path_or_name: str, trust_remote_code: bool = False):
+    """AutoTokenizer.from_pretrained(tokenizer_path_or_name), with errors in our words. Code shipped
+    with the tokenizer runs only with trust_remote_code (--trust_remote_code); transformers is told
+    so explicitly, so it neither runs it nor asks on the terminal."""
     flag = f"--tokenizer_path_or_name {tokenizer_path_or_name}"
     path = Path(tokenizer_path_or_name).expanduser()
     if not path.exists() and _looks_like_path(tokenizer_path_or_name):
@@ -266,12 +324,15 @@ def load_tokenizer(tokenizer_path_or_name: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer_path_or_name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer_path_or_name,
+                                                  trust_remote_code=trust_remote_code)
     except Exception as e:
+        detail = " ".join(str(e).split())[:300]
         raise BookcorpusError(
-            f"{flag}: could not load a tokenizer ({type(e).__name__}: {e}); pass a directory "
+            f"{flag}: could not load a tokenizer ({type(e).__name__}: {detail}); pass a directory "
             f"written by save_pretrained (with tokenizer.json or tokenizer_config.json) or a hub model id"
-        ) from e
+            f"{'' if trust_remote_code else ' (one that needs its own code also needs --trust_remote_code)'}"
+        ) from None
     # We tokenize whole documents, which may be longer than the model's context; that is fine
     # because the stream is cut into rows afterwards. Raise the limit so transformers does not
     # warn about "indexing errors" that cannot happen here.
@@ -302,12 +363,57 @@ def special_token_ids(tokenizer, tokenizer_name: str = "the tokenizer") -> tuple
 # --------------------------------------------------------------------------------------------
 
 
+def _pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """`text` as consecutive pieces of at most `limit` characters that join back to it (see PIECE_CHARS)."""
+    if len(text) <= limit:
+        return [text]
+    pieces, start, n = [], 0, len(text)
+    while n - start > limit:
+        end = start + limit
+        cut = text.rfind(" ", start + 1, end + 1)
+        while cut > start and (text[cut - 1].isspace() or (cut + 1 < n and text[cut + 1].isspace())):
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:  # no space between words: any whitespace, else a forced cut
+            cut = max(text.rfind(c, start + 1, end + 1) for c in "\n\t\r\f\v")
+        if cut <= start:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_bounded(tokenizer, texts: list[str], piece_chars: int = PIECE_CHARS, call_chars: int = CALL_CHARS):
+    """The token ids (int32 arrays, no special tokens) of each text, with at most `call_chars`
+    characters per tokenizer call and long texts in pieces of at most `piece_chars` (PIECE_CHARS)."""
+    parts = [[] for _ in texts]
+    group, owners, chars = [], [], 0
+
+    def flush():
+        if group:
+            # add_special_tokens=False: _tokenize_batch is the one place that adds BOS/EOS; a tokenizer
+            # whose post-processor also adds BOS (Llama-style) would otherwise put two at the start.
+            for owner, ids in zip(owners, tokenizer(group, add_special_tokens=False)["input_ids"]):
+                parts[owner].append(np.asarray(ids, dtype=np.int32))
+            group.clear()
+            owners.clear()
+
+    for i, text in enumerate(texts):
+        for piece in _pieces(text, piece_chars):
+            if group and chars + len(piece) > call_chars:
+                flush()
+                chars = 0
+            group.append(piece)
+            owners.append(i)
+            chars += len(piece)
+    flush()
+    return [np.concatenate(p) if len(p) > 1 else p[0] for p in parts]
+
+
 def _tokenize_batch(batch, tokenizer, text_column: str, bos_id: int, eos_id: int) -> dict:
     """Map function: each text -> [bos] + its tokens + [eos]. Module-level so worker processes get it."""
-    # add_special_tokens=False: this function is the one place that adds BOS/EOS; a tokenizer whose
-    # post-processor also adds BOS (Llama-style) would otherwise put two at the start.
-    encoded = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
-    return {"input_ids": [[bos_id, *ids, eos_id] for ids in encoded]}
+    ends = np.array([bos_id], dtype=np.int32), np.array([eos_id], dtype=np.int32)
+    return {"input_ids": [np.concatenate([ends[0], ids, ends[1]]) for ids in encode_bounded(tokenizer, batch[text_column])]}
 
 
 def tokenize_documents(
@@ -378,6 +484,25 @@ def _write_rows(tokenized: datasets.Dataset, sequence_length: int, arrow_path: s
     )
 
 
+def check_save_path(save_path: str | os.PathLike) -> Path:
+    """`save_path` as a Path, if save_to_disk can write a directory there: it is a directory or does
+    not exist, and its nearest existing ancestor is a writable directory. BookcorpusError otherwise."""
+    path = Path(save_path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise BookcorpusError(f"--save_path {save_path} is a file, but the rows are saved as a directory "
+                              f"(save_to_disk); pass a new or existing directory path")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BookcorpusError(f"--save_path {save_path}: {ancestor} is a file, so no directory can be made below "
+                              f"it; pass a path in a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise BookcorpusError(f"--save_path {save_path}: {ancestor} is not writable; pass a path in a writable "
+                              f"directory")
+    return path
+
+
 def tokenize_and_chunk(
     documents: datasets.Dataset,
     tokenizer,
@@ -402,8 +527,12 @@ def tokenize_and_chunk(
         raise BookcorpusError("the data set is empty (no documents); there is nothing to tokenize")
     tokenized = tokenize_documents(documents, tokenizer, text_column, num_proc, tokenizer_name)
 
-    save_path = Path(save_path).expanduser()
-    save_path.parent.mkdir(parents=True, exist_ok=True)
+    save_path = check_save_path(save_path)
+    try:
+        save_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BookcorpusError(f"--save_path {save_path}: cannot create its parent directory ({e.strerror}); "
+                              f"pass a path in a writable directory") from None
     # The rows go to a temporary Arrow file next to the output (same disk), which save_to_disk then
     # copies into its own layout. Dataset.from_generator would do the same but caches by a hash of
     # the generator, which could hand back stale rows; here nothing is cached.
@@ -417,8 +546,13 @@ def tokenize_and_chunk(
                 f"row can be made; pass a smaller --sequence_length or more data"
             )
         rows = datasets.Dataset.from_file(arrow_path)
-        rows.save_to_disk(str(save_path))
-        del rows  # close the memory map before the temporary file is removed
+        try:
+            rows.save_to_disk(str(save_path))
+        except OSError as e:  # disk full, permissions, a file in the way
+            raise BookcorpusError(f"--save_path {save_path}: could not write the rows ({type(e).__name__}: "
+                                  f"{e.strerror or e}); free space or pass another directory") from None
+        finally:
+            del rows  # close the memory map before the temporary file is removed
     return stats
 
 
@@ -483,6 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes for tokenizing (default 1); the output is the same for any K",
     )
     parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help=(
+            "let a hub tokenizer run its own Python code (transformers' trust_remote_code); without it no "
+            "code from the hub runs, and a tokenizer that needs its own code is refused"
+        ),
+    )
+    parser.add_argument(
         "--text_column",
         default="text",
         help="column that holds the document text in .jsonl/.json/.parquet/hub data (default: text)",
@@ -503,7 +645,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
     if args.num_proc < 1:
         raise BookcorpusError(f"--num_proc must be at least 1 (got {args.num_proc})")
     resolve_data_files(args.data_path_or_name)  # a missing path fails here, before the tokenizer loads
-    tokenizer = load_tokenizer(args.tokenizer_path_or_name)
+    check_save_path(args.save_path)
+    tokenizer = load_tokenizer(args.tokenizer_path_or_name, args.trust_remote_code)
     special_token_ids(tokenizer, args.tokenizer_path_or_name)
     documents = load_documents(args.data_path_or_name, args.text_column, args.num_proc)
     stats = tokenize_and_chunk(

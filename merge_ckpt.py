@@ -9,7 +9,8 @@ Flow:
    one. A directory without the COMMITTED marker is refused (its save did not finish).
 2. Verify every file COMMITTED lists (size and CRC-32) before reading any tensor, so a missing,
    truncated or altered shard is named instead of surfacing as a DCP read error or, worse, as
-   silently wrong weights.
+   silently wrong weights (runtime.checkpoint.verify: the check a resume makes too). DCP's metadata
+   and non-tensor entries are read without running code (runtime.checkpoint.SafeReader, read_state).
 3. Build the reference model of hf/config.json on the meta device (no memory): its state_dict gives
    the Hugging Face tensor names, shapes and order. Map each name to where the checkpoint holds it:
    "model.<name>" for every tensor except the routed experts, which the training form stacks
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from errors import UserError, read_json, run_cli
+from errors import UserError, run_cli
 from modeling.hf_adapter import training_source
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -99,7 +100,7 @@ def dtype_name(dtype):
 # ---- the checkpoint: find, verify, read -------------------------------------------------------------------
 def resolve_checkpoint(ckpt_dir):
     """--ckpt_dir -> a committed checkpoint directory and its COMMITTED record."""
-    from runtime.checkpoint import COMMIT_MARKER, LAST_POINTER, last_pointer_target
+    from runtime.checkpoint import COMMIT_MARKER, LAST_POINTER, last_pointer_target, read_commit
     if not os.path.isdir(ckpt_dir):
         raise MergeError(f"--ckpt_dir {ckpt_dir}: no such directory; pass a checkpoint such as "
                          "SAVE_DIR/step_00000020, or the save dir to merge the one its `last` pointer names")
@@ -114,50 +115,24 @@ def resolve_checkpoint(ckpt_dir):
     if not os.path.isfile(marker):
         raise MergeError(f"--ckpt_dir {ckpt_dir} has no {COMMIT_MARKER} marker: its save did not finish; use an "
                          "earlier checkpoint, or pass the save dir to merge the one its `last` pointer names")
-    committed = read_json(marker, MergeError, "the marker is damaged; use an earlier checkpoint")
-    if not isinstance(committed, dict) or not isinstance(committed.get("files"), dict) or not committed["files"]:
-        raise MergeError(f"{marker} is damaged (not the JSON the trainer writes); use an earlier checkpoint")
-    return ckpt_dir, committed
+    return ckpt_dir, read_commit(ckpt_dir, MergeError)
 
 
 def verify_files(ckpt_dir, committed, progress=True):
-    """Every file COMMITTED lists exists with the recorded size and CRC-32 (the checksum the trainer
-    computed when it saved with runtime.checkpoint.file_checksum, used here too)."""
-    from tqdm import tqdm
-
-    from runtime.checkpoint import file_checksum
-    files = committed["files"]
-    missing = [name for name in files if not os.path.isfile(os.path.join(ckpt_dir, name))]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise MergeError(f"{ckpt_dir}: {shown} listed in COMMITTED but missing; copy the checkpoint again in full "
-                         "from where the run saved it, or use an earlier checkpoint")
-    # sizes first: a truncated copy is then named without reading gigabytes
-    for name, expected in files.items():
-        path = os.path.join(ckpt_dir, name)
-        if os.path.getsize(path) != expected["bytes"]:
-            raise MergeError(f"{path} is corrupt (truncated or altered): {os.path.getsize(path)} bytes where "
-                             f"COMMITTED records {expected['bytes']}; copy it again from where the run saved it, "
-                             "or use an earlier checkpoint")
-    bar = tqdm(total=sum(e["bytes"] for e in files.values()), desc="verify", unit="B", unit_scale=True,
-               disable=not progress, file=sys.stderr)
-    with bar:
-        for name, expected in files.items():
-            path = os.path.join(ckpt_dir, name)
-            crc = file_checksum(path, on_block=bar.update)["crc32"]
-            if crc != expected["crc32"]:
-                raise MergeError(f"{path} is corrupt: its CRC-32 {crc} differs from the {expected['crc32']} "
-                                 "recorded in COMMITTED; copy it again from where the run saved it, or use an "
-                                 "earlier checkpoint")
+    """Every file COMMITTED lists exists with the recorded size and CRC-32: the one check the trainer
+    also makes before it resumes (runtime.checkpoint.verify)."""
+    from runtime.checkpoint import verify
+    verify(ckpt_dir, committed, MergeError, progress)
 
 
 class CheckpointTensors:
     """Reads chosen entries of a DCP checkpoint as full tensors, in one process without a process group."""
 
     def __init__(self, ckpt_dir):
-        from torch.distributed.checkpoint import FileSystemReader
+        # DCP's metadata is unpickled admitting only the classes it is made of: a checkpoint runs no code
+        from runtime.checkpoint import SafeReader
         self.path = ckpt_dir
-        self.reader = FileSystemReader(ckpt_dir)
+        self.reader = SafeReader(ckpt_dir)
         self.entries = self.reader.read_metadata().state_dict_metadata  # key -> Tensor/BytesStorageMetadata
 
     def shape(self, key):
@@ -171,12 +146,12 @@ class CheckpointTensors:
 
     def read(self, keys):
         """{key: full tensor (or the saved object, for non-tensor entries)}."""
-        import torch.distributed.checkpoint as dcp
+        from runtime.checkpoint import read_state
         state = {k: torch.empty(self.shape(k), dtype=self.dtype(k)) if self.is_tensor(k) else None for k in keys}
         if state:
             with warnings.catch_warnings():  # DCP notes that it is loading in one process: that is the intent
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, storage_reader=self.reader, no_dist=True)
+                read_state(state, self.reader, no_dist=True)  # non-tensor entries with weights_only=True
         return state
 
 

@@ -12,6 +12,7 @@ cost model prices and the run executes. A default therefore lives here and nowhe
     RunOptions         PlanOptions + ExecutionOptions + the training loop, checkpoints
 """
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,19 +32,77 @@ GROUPS = {
 }
 
 
-def option(default, help, group, *, choices=None, flag=None, cli=True):
+def option(default, help, group, *, choices=None, flag=None, cli=True, parse=None):
     """A dataclass field that is also a train.py flag. flag: the flag's name if not --<field>
     (a boolean whose flag turns it off, e.g. --no_final_save). cli=False: an option of the API
-    (tests, benchmarks) that has no flag."""
+    (tests, benchmarks) that has no flag. parse: how the flag's text becomes the value (default: by
+    the field's type)."""
     return field(default=default, metadata={"help": help, "group": group, "choices": choices, "flag": flag,
-                                            "cli": cli})
+                                            "cli": cli, "parse": parse})
+
+
+def on_off(text):
+    if text in ("on", "true", "1"):
+        return True
+    if text in ("off", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: give on or off")
+
+
+def count_or_auto(text):
+    """A positive number, or "auto" (the compiler chooses)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive integer nor auto") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer or auto")
+    return value
+
+
+# ---- values ---------------------------------------------------------------------------------------------
+# The range of each numeric option (flag --<name>): validate() refuses a value outside it, NaN and
+# infinity with one line naming the flag. An option not listed is checked only for being finite.
+LEAST = {"plan_ngpus": 1, "runtime_ngpus": 1, "seq_len": 2, "micro_batch_size": 1, "global_batch_size": 1,
+         "ce_chunk_tokens": 0, "plan_rank": 1, "max_steps": 0, "lr": 0.0, "weight_decay": 0.0, "warmup_steps": 0,
+         "seed": 0, "save_every": 0}
+ABOVE = {"mem_limit_gib": 0.0}   # strictly greater than
+MOST = {"seed": 2**32 - 1}       # the data order and initial values are seeded with seed * 1e6 + ..., in 64 bits
+
+
+class OptionError(UserError):
+    """An option's value that cannot be used; the message names the flag and the range."""
+
+
+class Options:
+    """What the option dataclasses share: the check of their values."""
+
+    def validate(self):
+        """Every numeric option finite and in its range (LEAST, ABOVE, MOST); returns self."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # unset (None), a choice, or "auto"
+            flag = f.metadata.get("flag") or f"--{f.name}"
+            default = f" (default {f.default})" if f.default is not None else ""
+            if value != value or value in (float("inf"), float("-inf")):
+                raise OptionError(f"{flag} {value}: give a finite number{default}")
+            least, above, most = LEAST.get(f.name), ABOVE.get(f.name), MOST.get(f.name)
+            if (least is not None and value < least) or (above is not None and value <= above) or \
+                    (most is not None and value > most):
+                wanted = (f"> {above}" if above is not None else f">= {least}" if most is None
+                          else f"from {least} to {most}")
+                raise OptionError(f"{flag} {value}: must be {wanted}{default}")
+        return self
 
 
 ATTENTION_KERNELS = tuple(ATTENTION_BACKENDS)
 
 
 @dataclass
-class ExecutionOptions:
+class ExecutionOptions(Options):
     attention: Optional[str] = option(
         None, "attention kernel: sdpa lets PyTorch choose; sdpa_flash_padded forces its flash kernel (MLA's "
               "128-wide values zero-padded to the 192-wide query/key head); sdpa_efficient, sdpa_cudnn force "
@@ -87,10 +146,14 @@ class ExecutionOptions:
 
 
 @dataclass
-class PlanOptions:
+class PlanOptions(Options):
     model_id: Optional[str] = option(
         None, "a local directory with config.json (and optionally HF weights), e.g. configs/tiny-deepseek-v2, "
               "or a Hugging Face hub id", "model")
+    trust_remote_code: bool = option(
+        False, "let a hub --model_id run its own Python code (transformers' trust_remote_code) to read its config; "
+               "without it only the repository's config.json is downloaded and read as data, and no code from the "
+               "hub runs", "model")
     plan_ngpus: Optional[int] = option(None, "devices one copy of the plan spans", "plan")
     runtime_ngpus: Optional[int] = option(
         None, "devices of the run; a multiple of --plan_ngpus, the plan being replicated runtime_ngpus / "
@@ -101,8 +164,8 @@ class PlanOptions:
         None, "tokens per sequence (compile: default 2048; run: the plan's, and a different value is refused)",
         "model")
     micro_batch_size: Optional[int] = option(
-        None, "sequences per micro-batch (compile: default 4; run: the plan's, and a different value is refused)",
-        "train")
+        None, "sequences per micro-batch (compile: default 4, or auto: the search chooses among the divisors of "
+              "the global batch; run: the plan's, and a different value is refused)", "train", parse=count_or_auto)
     global_batch_size: Optional[int] = option(
         None, "sequences per optimizer step (compile: default 64; run: the plan's, and a different value is "
               "refused)", "train")
@@ -122,6 +185,8 @@ class CompileOptions(PlanOptions, ExecutionOptions):
     mem_limit_gib: float = option(64.0, "memory limit per device for the search", "plan")
     device_profile: str = option("h100", "h100, h200, cpu, or a profile JSON file, for the cost model", "plan")
     report: bool = option(True, "write the Markdown and PNG report beside the plan", "plan", cli=False)
+    # execution options the search must not change (the flags given; options.ExecutionOptions fields)
+    pinned: tuple = option((), "execution options given as flags", "execution", cli=False)
     compute_dtype: Optional[str] = option(
         None, "bf16 (default on GPUs) or fp32 (default for the cpu profile)", "plan", cli=False)
 
@@ -138,9 +203,13 @@ class RunOptions(PlanOptions, ExecutionOptions):
         None, "directory whose tokenizer files are kept with each checkpoint, for merge_ckpt.py (default: the "
               "tokenizer files of --model_id, if it has any)", "model")
     max_steps: int = option(1000, "optimizer steps to run", "train")
-    lr: float = option(3e-4, "peak learning rate (AdamW, betas 0.9 / 0.95)", "train")
-    weight_decay: float = option(0.1, "AdamW weight decay", "train")
-    warmup_steps: int = option(100, "linear warmup steps", "train")
+    lr: float = option(3e-4, "peak learning rate (AdamW, betas 0.9 / 0.95); on --resume_path this flag, not the "
+                             "checkpoint, sets it (resume with a lower --lr to lower it)", "train")
+    weight_decay: float = option(0.1, "AdamW weight decay; on --resume_path this flag, not the checkpoint, sets it",
+                                 "train")
+    warmup_steps: int = option(100, "linear warmup steps (counted from step 0 of the run's lineage: a resumed run "
+                                    "continues the schedule at its step); on --resume_path this flag sets it",
+                               "train")
     seed: int = option(0, "seed of initialisation and data order", "train")
     device: str = option("cuda", "cuda (NCCL) or cpu (gloo)", "train", choices=("cuda", "cpu"))
     dtype: Optional[str] = option(
@@ -150,9 +219,17 @@ class RunOptions(PlanOptions, ExecutionOptions):
     save_every: int = option(0, "save a sharded checkpoint every N steps (0: only after the last step)", "train")
     final_save: bool = option(True, "do not save a checkpoint after the last step (saved by default)", "train",
                               flag="--no_final_save")
-    keep_last: Optional[int] = option(None, "committed checkpoints to keep (default: all)", "train")
+    keep_last: Optional[int] = option(
+        None, "after each save keep the newest K (>= 1) checkpoints of its lineage (it, the one it continued, and "
+              "so on back) and delete that lineage's older ones; the checkpoint the run resumed from and ones of "
+              "other lineages (another run's, or steps after the one resumed from) are never deleted (default: keep "
+              "all)", "train")
     resume_path: Optional[str] = option(
-        None, "resume from a checkpoint directory, or `last` for the newest one in --save_dir", "train")
+        None, "resume from a checkpoint directory, or `last` for the one --save_dir's `last` pointer names. Every "
+              "file's size and CRC-32 is checked first, and nothing in it is run as code. The checkpoint restores "
+              "weights, AdamW moments, the step (so the data position and the LR schedule's position) and RNG "
+              "states; the flags set the hyperparameters (--lr, --weight_decay, --warmup_steps). --max_steps is "
+              "the total, and must exceed the checkpoint's step", "train")
     progress: bool = option(True, "show a progress bar on rank 0", "train", cli=False)
     compile_backend: str = option("inductor", "torch.compile backend (aot_eager for CPU tests)", "execution",
                                   cli=False)
@@ -178,11 +255,16 @@ def add_flags(parser, *classes):
         group = groups[f.metadata["group"]]
         flag = f.metadata["flag"] or f"--{f.name}"
         help_text = f.metadata["help"]
+        if f.type in (bool, "bool") and f.metadata["group"] == "execution":
+            # `--fused_adamw` turns it on, `--fused_adamw off` pins it off (compile would search it)
+            group.add_argument(flag, dest=f.name, nargs="?", const=True, default=None, type=on_off,
+                               metavar="on|off", help=help_text + " (flag alone: on)")
+            continue
         if f.type in (bool, "bool"):
             action = "store_false" if flag.startswith("--no_") else "store_true"
             group.add_argument(flag, dest=f.name, action=action, default=None, help=help_text)
             continue
-        kind = {"int": int, "float": float}.get(_base_type(f), str)
+        kind = f.metadata["parse"] or {"int": int, "float": float}.get(_base_type(f), str)
         shown = "" if f.default is None else f" (default: {f.default})"
         group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata["choices"],
                            help=help_text + shown)
@@ -203,8 +285,9 @@ def given_flags(namespace, cls):
 
 
 def from_flags(namespace, cls):
-    """An options object of `cls` from parsed flags: the given ones, the rest at their defaults."""
-    return cls(**given_flags(namespace, cls))
+    """An options object of `cls` from parsed flags: the given ones, the rest at their defaults; each
+    value checked (Options.validate)."""
+    return cls(**given_flags(namespace, cls)).validate()
 
 
 def fields_of(cls):

@@ -14,7 +14,7 @@ import os
 import sys
 
 from errors import UserError, run_cli
-from options import CompileOptions, RunOptions, add_flags, from_flags
+from options import CompileOptions, ExecutionOptions, RunOptions, add_flags, from_flags, given_flags
 
 RUN_MODES = ("compile", "run", "inspect")
 EXIT_NON_FINITE = 3  # the run stopped on a non-finite loss or gradient (not a usage error: exit 2)
@@ -39,6 +39,7 @@ def run_compile(args):
     from compiler.compile import compile_plan
     from compiler.plan import summarize
     options = from_flags(args, CompileOptions)
+    options.pinned = tuple(given_flags(args, ExecutionOptions))  # a flag given pins that choice
     if options.model_id is None or options.plan_ngpus is None:
         raise UserError("--run_mode compile needs --model_id and --plan_ngpus")
     plan, path = compile_plan(options)
@@ -62,8 +63,9 @@ def run_training(args):
         raise UserError("--model_id is required")
     try:
         records = run(options)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except NonFiniteError as e:  # the same on every rank (the loss and norms are all-reduced): said once
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
     if records and int(os.environ.get("RANK", "0")) == 0:
         first, last = records[0], records[-1]

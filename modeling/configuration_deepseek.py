@@ -20,9 +20,74 @@ def _config_error(cls_name, field, value, fix):
     return ValueError(f"{cls_name}: config field `{field}` = {value!r} is invalid: {fix}")
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    import math
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(config, field, low=1, optional=False):
+    value = getattr(config, field)
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < low:
+        raise _config_error(type(config).__name__, field, value,
+                            f"use an integer >= {low}{' or null' if optional else ''}")
+
+
+def _check_number(config, field, low=0.0, strict=False, high=None):
+    value = getattr(config, field)
+    if not _is_number(value) or value < low or (strict and value == low) or (high is not None and value >= high):
+        bound = f"> {low}" if strict else f">= {low}"
+        raise _config_error(type(config).__name__, field, value,
+                            f"use a finite number {bound}{f' and < {high}' if high is not None else ''}")
+
+
+def _check_bool(config, field):
+    value = getattr(config, field)
+    if not isinstance(value, bool):
+        raise _config_error(type(config).__name__, field, value, "use true or false")
+
+
+def _check_common_fields(config):
+    """Types and ranges of the fields both families read (checked before anything compares them)."""
+    name = type(config).__name__
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "pretraining_tp"):
+        _check_int(config, field)
+    _check_number(config, "rms_norm_eps", strict=True)
+    _check_number(config, "initializer_range")
+    _check_number(config, "rope_theta", strict=True)
+    _check_number(config, "aux_loss_alpha")
+    _check_number(config, "attention_dropout", high=1.0)
+    for field in ("tie_word_embeddings", "attention_bias", "norm_topk_prob", "seq_aux"):
+        _check_bool(config, field)
+    from transformers.activations import ACT2FN
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACT2FN:
+        raise _config_error(name, "hidden_act", config.hidden_act, "use an activation such as silu or gelu")
+    if config.n_routed_experts is None:
+        return
+    _check_int(config, "n_routed_experts")
+    _check_int(config, "moe_intermediate_size")
+    _check_int(config, "n_shared_experts", optional=True)
+    _check_int(config, "first_k_dense_replace", low=0)
+    if config.first_k_dense_replace > config.num_hidden_layers:
+        raise _config_error(name, "first_k_dense_replace", config.first_k_dense_replace,
+                            f"set it between 0 and num_hidden_layers ({config.num_hidden_layers})")
+    if not _is_int(config.moe_layer_freq):
+        raise _config_error(name, "moe_layer_freq", config.moe_layer_freq, "use an integer >= 1")
+    if not (_is_int(config.num_experts_per_tok) or config.num_experts_per_tok is None):
+        raise _config_error(name, "num_experts_per_tok", config.num_experts_per_tok,
+                            f"set it between 1 and n_routed_experts ({config.n_routed_experts})")
+
+
 def _check_moe_fields(config):
     """Checks shared by both families; errors name the field and the fix."""
     name = type(config).__name__
+    _check_common_fields(config)
     if config.n_routed_experts is None:
         return
     if config.num_experts_per_tok is None or not (1 <= config.num_experts_per_tok <= config.n_routed_experts):
@@ -41,8 +106,17 @@ def _check_rope_scaling(config):
     name = type(config).__name__
     if not isinstance(rs, dict) or "type" not in rs or "factor" not in rs:
         raise _config_error(name, "rope_scaling", rs, "give a dict with at least `type` and `factor`, or null")
-    if rs["type"] not in _ROPE_SCALING_TYPES:
+    if not isinstance(rs["type"], str) or rs["type"] not in _ROPE_SCALING_TYPES:
         raise _config_error(name, "rope_scaling.type", rs["type"], f"use one of {_ROPE_SCALING_TYPES}")
+    if not _is_number(rs["factor"]) or rs["factor"] <= 0:
+        raise _config_error(name, "rope_scaling.factor", rs["factor"], "use a finite number > 0")
+    for key in ("mscale", "mscale_all_dim", "beta_fast", "beta_slow"):
+        if key in rs and not _is_number(rs[key]):
+            raise _config_error(name, f"rope_scaling.{key}", rs[key], "use a finite number")
+    if "original_max_position_embeddings" in rs and (not _is_int(rs["original_max_position_embeddings"])
+                                                     or rs["original_max_position_embeddings"] < 1):
+        raise _config_error(name, "rope_scaling.original_max_position_embeddings",
+                            rs["original_max_position_embeddings"], "use an integer >= 1")
 
 
 class DeepseekV2Config(PretrainedConfig):
@@ -145,16 +219,31 @@ class DeepseekV2Config(PretrainedConfig):
         _check_moe_fields(self)
         _check_rope_scaling(self)
         name = type(self).__name__
+        # multi-head latent attention: every rank and head dimension is a size; RoPE rotates pairs
+        for field in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _check_int(self, field)
+        _check_int(self, "q_lora_rank", optional=True)
+        if self.qk_rope_head_dim % 2:
+            raise _config_error(name, "qk_rope_head_dim", self.qk_rope_head_dim, "RoPE needs an even dimension")
+        _check_int(self, "ep_size")
         if self.n_routed_experts is None:
             return
-        if self.topk_method not in _TOPK_METHODS:
+        _check_number(self, "routed_scaling_factor", strict=True)
+        if not isinstance(self.topk_method, str) or self.topk_method not in _TOPK_METHODS:
             raise _config_error(name, "topk_method", self.topk_method, f"use one of {_TOPK_METHODS}")
+        _check_int(self, "n_group", optional=True)
+        _check_int(self, "topk_group", optional=True)
         if self.topk_method == "group_limited_greedy":
             if not self.n_group or self.n_routed_experts % self.n_group:
                 raise _config_error(name, "n_group", self.n_group,
                                     f"it must divide n_routed_experts ({self.n_routed_experts})")
             if not self.topk_group or not (1 <= self.topk_group <= self.n_group):
                 raise _config_error(name, "topk_group", self.topk_group, f"set it between 1 and n_group ({self.n_group})")
+            reachable = self.topk_group * (self.n_routed_experts // self.n_group)
+            if self.num_experts_per_tok > reachable:
+                raise _config_error(name, "num_experts_per_tok", self.num_experts_per_tok,
+                                    f"the topk_group ({self.topk_group}) best of n_group ({self.n_group}) groups hold "
+                                    f"only {reachable} experts; choose at most that many, or more groups")
 
 
 class DeepseekConfig(PretrainedConfig):
@@ -241,3 +330,6 @@ class DeepseekConfig(PretrainedConfig):
         if self.num_attention_heads % self.num_key_value_heads:
             raise _config_error(type(self).__name__, "num_key_value_heads", self.num_key_value_heads,
                                 f"it must divide num_attention_heads ({self.num_attention_heads})")
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
+            raise _config_error(type(self).__name__, "num_attention_heads", self.num_attention_heads,
+                                f"it must divide hidden_size ({self.hidden_size}) into heads of an even size (RoPE)")

@@ -6,7 +6,11 @@ within each replica.
 """
 
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +71,7 @@ def init_distributed(device):
     is a world of one."""
     if dist.is_initialized():
         return
+    tie_to_launcher()
     backend = "nccl" if device == "cuda" else "gloo"
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -82,3 +87,37 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- dying with the launcher ------------------------------------------------------------------------------
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCH_SECONDS = 1.0
+
+
+def tie_to_launcher():
+    """Under torchrun, this worker dies when its launcher does. torchrun starts each worker in a
+    session of its own (so a kill of the launcher's process group or a closed terminal does not
+    reach it) and is the worker's parent: without this a killed torchrun leaves its workers training
+    and moving `last`. On Linux the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG);
+    everywhere, a daemon thread does the same within WATCH_SECONDS when the parent pid changes. A
+    plain `python train.py` (no torchrun) is left alone: it may be meant to outlive its shell."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still applies
+    if os.getppid() != launcher:  # the launcher died while the tie was being made
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch():
+        while True:
+            time.sleep(WATCH_SECONDS)
+            if os.getppid() != launcher:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()

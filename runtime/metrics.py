@@ -70,10 +70,24 @@ class StepTimer:
 
 def peak_memory_gib(device):
     """This process's peak memory so far: allocated device memory on a GPU; on a CPU the resident
-    set (which also counts the interpreter and libraries)."""
+    set's high-water mark (which also counts the interpreter and libraries)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    return resident_high_water_kib() / 2 ** 20
+
+
+def resident_high_water_kib():
+    """VmHWM of /proc/self/status: this program's own peak. getrusage's ru_maxrss is no substitute on
+    Linux: it keeps the high-water mark of the process before it exec'd, so a worker started from a
+    large parent (a launcher, a test runner) reports the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; elsewhere the best there is
 
 
 def model_flops_per_step(plan):

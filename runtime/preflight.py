@@ -1,13 +1,18 @@
 """Checks before any heavy work: find the plan, and refuse a run that does not fit it.
 
-Everything here reads flags, files and the plan only; nothing builds a model or touches a device,
-so a mistake costs a second, not a model load.
+Everything here reads flags, files and the plan only (and takes the save directory's lock); nothing
+builds a model or touches a device, so a mistake costs a second, not a model load.
 """
 
+import fcntl
 import os
+import socket
+
+import torch.distributed as dist
 
 from errors import UserError
-from compiler.plan import Plan, PlanError, default_plan_path, model_fingerprint, model_name_of
+from compiler.execution import unsupported
+from compiler.plan import Plan, default_plan_path, model_fingerprint, model_name_of
 from modeling.kernels import flash_attn_func
 from options import ATTENTION_KERNELS, COMPILE_SCOPES, ExecutionOptions, RunOptions
 
@@ -27,20 +32,28 @@ def find_plan(args: RunOptions, config):
     if args.plan_ngpus is None:
         raise RunError("give --plan FILE or --plan_ngpus P (to find plans/<model>-<P>gpu.json)")
     preferred = default_plan_path(model_name_of(args.model_id), args.plan_ngpus, args.plans_dir)
-    candidates = [preferred] + sorted(os.path.join(args.plans_dir, f) for f in os.listdir(args.plans_dir)
-                                      if f.endswith(".json")) if os.path.isdir(args.plans_dir) else []
-    for path in candidates:
+    try:
+        listed = sorted(f for f in os.listdir(args.plans_dir) if f.endswith(".json"))
+    except OSError:  # no plans directory (or an unreadable one): only the preferred path can exist
+        listed = []
+    candidates = [preferred] + [os.path.join(args.plans_dir, f) for f in listed]
+    skipped = []
+    for path in dict.fromkeys(candidates):  # the preferred file once, first
         if not os.path.isfile(path):
             continue
         try:
             plan = Plan.load(path)
-        except PlanError:
+        except Exception as e:  # any file that is not a valid plan (PlanError, or worse) is passed over
+            skipped.append(f"{path} ({type(e).__name__})")
             continue
         if plan.model.get("fingerprint_sha") == digest and plan.plan_ngpus == args.plan_ngpus:
             return plan, path
-    raise RunError(f"no plan in {args.plans_dir}/ for this model with --plan_ngpus {args.plan_ngpus}; compile one with "
-                   f"`python train.py --run_mode compile --model_id {args.model_id} --plan_ngpus {args.plan_ngpus} "
-                   f"--runtime_ngpus {args.runtime_ngpus or args.plan_ngpus}` or pass --plan")
+    unreadable = (f" (passed over {len(skipped)} unreadable plan file(s): {', '.join(skipped[:3])}"
+                  f"{', ...' if len(skipped) > 3 else ''}; `python train.py --run_mode inspect --plan FILE` says why)"
+                  if skipped else "")
+    raise RunError(f"no plan in {args.plans_dir}/ for this model with --plan_ngpus {args.plan_ngpus}{unreadable}; "
+                   f"compile one with `python train.py --run_mode compile --model_id {args.model_id} --plan_ngpus "
+                   f"{args.plan_ngpus} --runtime_ngpus {args.runtime_ngpus or args.plan_ngpus}` or pass --plan")
 
 
 def check_run(args: RunOptions, plan: Plan, plan_path, world_size):
@@ -59,6 +72,7 @@ def check_run(args: RunOptions, plan: Plan, plan_path, world_size):
         raise RunError(f"{plan_path}: ZeRO sharded within a replica (HSDP) is not supported by this version of the "
                        "runtime; compile the plan again (the search shards over the replicas)")
     plan.check_run(args.plan_ngpus, runtime, source=plan_path)
+    check_batch_split(plan, runtime, plan_path)
     if args.tokenizer_path and not os.path.isdir(args.tokenizer_path):
         raise RunError(f"--tokenizer_path {args.tokenizer_path}: no such directory; pass the directory the "
                        "tokenizer was saved to (tokenizer.json, tokenizer_config.json)")
@@ -74,6 +88,102 @@ def check_run(args: RunOptions, plan: Plan, plan_path, world_size):
         if value is not None and value != planned:
             raise RunError(f"{flag} {value} differs from the {planned} the plan {plan_path} was compiled for; "
                            "recompile the plan with the new value or leave the flag out")
+
+
+def check_batch_split(plan: Plan, runtime, plan_path):
+    """The rule compile applies (compiler/search.py), for the devices of this run: its data ranks
+    (replicas x dp x ep, each reading its own slice of the global batch) split the global batch into
+    whole micro-batches; and a pipeline runs the micro-batches per step its schedule was compiled
+    for. Otherwise each rank's rows would be rounded down while the loss is divided as if all were
+    used: a run that exits 0 with a wrong loss."""
+    global_batch, micro = plan.search_inputs["global_batch_size"], plan.search_inputs["micro_batch_size"]
+    dp, ep = plan.mesh["dp"], plan.mesh["ep"]
+    replicas = runtime // plan.plan_ngpus
+    data_ranks = replicas * dp * ep
+    if global_batch % (micro * data_ranks):
+        fits = [k * plan.plan_ngpus for k in range(1, global_batch // (micro * dp * ep) + 1)
+                if global_batch % (micro * dp * ep * k) == 0]
+        use = f"use --runtime_ngpus {' or '.join(map(str, fits))}, or " if fits else ""
+        raise RunError(f"--runtime_ngpus {runtime}: its {data_ranks} data-parallel ranks ({replicas} replica(s) x dp "
+                       f"{dp} x ep {ep}) do not split the global batch of {global_batch} sequences of {plan_path} into "
+                       f"whole micro-batches of {micro} (it must be a multiple of {micro} x {data_ranks}, as compile "
+                       f"requires); {use}recompile the plan with --runtime_ngpus {runtime} and a --global_batch_size "
+                       f"that is a multiple of {micro * data_ranks}")
+    per_pipeline = global_batch // (micro * data_ranks)
+    if plan.mesh["pp"] > 1 and per_pipeline != plan.schedule["micro_batches"]:
+        compiled = plan.search_inputs.get("runtime_ngpus")
+        raise RunError(f"--runtime_ngpus {runtime}: each of the {data_ranks} pipeline(s) would run {per_pipeline} "
+                       f"micro-batches per step, but the schedule of {plan_path} was compiled for "
+                       f"{plan.schedule['micro_batches']}" + (f" (at --runtime_ngpus {compiled})" if compiled else "")
+                       + f"; {f'use --runtime_ngpus {compiled}, or ' if compiled else ''}recompile the plan with "
+                       f"--runtime_ngpus {runtime}")
+
+
+# ---- the save directory ------------------------------------------------------------------------------------
+LOCK_FILE = ".run.lock"  # in --save_dir: held (flock) by rank 0 of the run that writes there
+_held = {}               # real path of a save directory -> the open lock file of this process
+
+
+def claim_save_dir(save_dir, rank):
+    """--save_dir checked and locked by rank 0 before any heavy work, the verdict sent to every rank
+    (one collective) so that all refuse together: a directory (created if missing) that can be
+    written and that no other run is using. The lock lasts as long as rank 0's process; the kernel
+    releases it when the process ends, however it ends."""
+    problem = None
+    if rank == 0:
+        try:
+            check_save_dir(save_dir)
+            lock_save_dir(save_dir)
+        except RunError as e:
+            problem = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem:
+        raise RunError(problem)
+
+
+def check_save_dir(save_dir):
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise RunError(f"--save_dir {save_dir} is a file, not a directory; pass a directory (it is created if "
+                       "missing)")
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--save_dir {save_dir} cannot be created ({e.strerror}); pass a directory you can write")
+    if not os.access(save_dir, os.W_OK | os.X_OK):
+        raise RunError(f"--save_dir {save_dir} is not writable; make it writable or pass another --save_dir")
+
+
+def lock_save_dir(save_dir):
+    """An exclusive lock on `save_dir` for this process (re-entrant within it); refused, naming the
+    holder, while another process holds it."""
+    key = os.path.realpath(save_dir)
+    if key in _held:
+        return
+    path = os.path.join(save_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunError(f"--save_dir {save_dir} is not writable ({path}: {e.strerror}); make it writable or pass "
+                       "another --save_dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunError(f"--save_dir {save_dir} is in use by another run ({holder}, lock {path}); wait for it to end "
+                       "or stop it, or pass another --save_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    _held[key] = fd
+
+
+def release_save_dirs():
+    """The locks this process holds, released (at the end of a run; the kernel does it at exit anyway)."""
+    while _held:
+        os.close(_held.popitem()[1])
 
 
 def compute_dtype_name(args: RunOptions):
@@ -97,16 +207,9 @@ def check_execution(args: RunOptions, plan: Plan, plan_path):
     if args.attention == "flash" and flash_attn_func is None:
         raise RunError("--attention flash needs the flash-attn package, which is not installed; use "
                        "--attention sdpa_flash_padded (PyTorch's own flash kernel) or sdpa")
-    if args.compile != "none" and compute_dtype_name(args) != "bf16":
-        raise RunError(f"--compile {args.compile} needs bf16 compute (torch._grouped_mm compiles only for "
-                       f"bfloat16) but the compute dtype is {compute_dtype_name(args)}; pass --dtype bf16 or "
-                       "leave --compile at none (the default; on a CPU compiling rarely pays off)")
     if args.ce_chunk_tokens < 0:
         raise RunError(f"--ce_chunk_tokens must be 0 (plain loss) or positive, got {args.ce_chunk_tokens}")
-    if args.ce_chunk_tokens and plan.mesh["pp"] > 1:
-        raise RunError(f"--ce_chunk_tokens applies to plans without pipeline stages; {plan_path} has "
-                       f"{plan.mesh['pp']} (its last stage computes the loss from full logits); drop the flag")
-    if args.defer_grad_sync and (plan.mesh["pp"] > 1 or plan.zero["level"] != 0):
-        raise RunError(f"--defer_grad_sync needs a plan with ZeRO 0 and no pipeline stages ({plan_path} has ZeRO "
-                       f"{plan.zero['level']}, pp {plan.mesh['pp']}): under ZeRO 2 / 3 each rank would hold "
-                       "unsharded float32 gradients; drop the flag")
+    # the one rule of what the runtime executes, which the search also obeys
+    reason = unsupported(args.execution(), plan.mesh["pp"], plan.zero["level"], compute_dtype_name(args))
+    if reason:
+        raise RunError(f"{plan_path}: {reason}; drop the flag (--dtype bf16 for compiled layers) or recompile the plan")

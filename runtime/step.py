@@ -25,6 +25,47 @@ class NonFiniteError(RuntimeError):
     """The loss or gradient norm is not finite: the run stops before the optimizer step."""
 
 
+class DivergedError(NonFiniteError):
+    """An optimizer step made the weights non-finite or changed them absurdly (MAX_WEIGHT_NORM_CHANGE):
+    the run stops, and that step is never saved."""
+
+
+# "Absurd" update: a step that changes the global L2 norm of the weights by more than this fraction of
+# the norm before it (|  ||w_after|| - ||w_before||  | / ||w_before|| > 1: the norm more than doubled, or
+# fell to nothing). By the triangle inequality this is a lower bound of ||update|| / ||w_before||; it
+# costs one norm pass over the weights per step, all-reduced like the gradient norm so that every rank
+# takes the same decision. On the tiny model (tests/test_faults_checkpoints.py) AdamW steps move it by
+# about 2e-3 at --lr 3e-3 and 0.15 at --lr 3e-2 without warmup; --lr 0.1 without warmup doubles it in
+# the first step (1.1), --lr 1e6 multiplies it by 2e7.
+MAX_WEIGHT_NORM_CHANGE = 1.0
+
+
+class UpdateGuard:
+    """Measures each optimizer step's change of the global weight norm (see MAX_WEIGHT_NORM_CHANGE)."""
+
+    def __init__(self, params, run_mesh, expert_params):
+        self.params, self.run_mesh, self.expert_params = list(params), run_mesh, expert_params
+        self.norm = None  # the weights' norm after the last step (= before the next)
+
+    def weight_norm(self):
+        with torch.no_grad():
+            return global_norm(self.params, self.params, self.run_mesh, self.expert_params)[0].item()
+
+    def before_step(self):
+        if self.norm is None:
+            self.norm = self.weight_norm()
+
+    def after_step(self, step):
+        """Raises DivergedError if step `step` (0-based) made the weights non-finite or absurd."""
+        before, after = self.norm, self.weight_norm()
+        self.norm = after
+        change = abs(after - before) / before if before > 0 else (0.0 if after == 0 else math.inf)
+        if not (math.isfinite(after) and change <= MAX_WEIGHT_NORM_CHANGE):
+            raise DivergedError(f"step {step + 1}: the weights' norm went from {before:.4g} to {after:.4g} (a change "
+                                f"of {change:.3g} of it, above MAX_WEIGHT_NORM_CHANGE = {MAX_WEIGHT_NORM_CHANGE} in "
+                                "runtime/step.py): the run diverged; this step was not saved")
+
+
 @dataclass
 class StepShape:
     tokens: int          # TOKENS: next-token targets of the global batch
@@ -85,18 +126,27 @@ def defer_grad_sync(model, last_microbatch):
 
 
 def grad_norm_and_clip(params, max_norm, run_mesh, expert_params):
-    """Global L2 norm of all gradients, each element counted once, then clipped in place.
+    """Global L2 norm of all gradients, each element counted once, then clipped in place."""
+    norm, local_grads = global_norm(params, [p.grad for p in params], run_mesh, expert_params)
+    scale = min(1.0, max_norm / (norm.item() + 1e-6))
+    if scale < 1.0 and local_grads:
+        torch._foreach_mul_(local_grads, scale)
+    return norm.item()
 
-    Sharded (DTensor Shard) gradients sum their squares over the shard's mesh; expert-parallel
-    gradients over the ep group; pipeline stages over the pp group."""
+
+def global_norm(params, tensors, run_mesh, expert_params):
+    """(global L2 norm as a float64 tensor, the local tensors) of `tensors`, one per parameter of
+    `params` laid out as it is (its gradient, or the parameter itself; None is skipped), each element
+    counted once: sharded (DTensor Shard) tensors sum their squares over the shard's mesh,
+    expert-parallel ones over the ep group, pipeline stages over the pp group. Every rank gets the
+    same value."""
     device = next(iter(params)).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     by_group = {}
     local_grads = []
-    for p in params:
-        if p.grad is None:
+    for p, g in zip(params, tensors):
+        if g is None:
             continue
-        g = p.grad
         groups = []
         if isinstance(g, DTensor):
             groups = [g.device_mesh.get_group(i) for i, pl in enumerate(g.placements) if isinstance(pl, Shard)]
@@ -115,11 +165,7 @@ def grad_norm_and_clip(params, max_norm, run_mesh, expert_params):
         total += sq
     if run_mesh.sizes["pp"] > 1:
         dist.all_reduce(total, group=run_mesh.group("pp"))
-    norm = total.sqrt()
-    scale = min(1.0, max_norm / (norm.item() + 1e-6))
-    if scale < 1.0 and local_grads:
-        torch._foreach_mul_(local_grads, scale)
-    return norm.item()
+    return total.sqrt(), local_grads
 
 
 def build_optimizer(params, args):
@@ -146,9 +192,11 @@ def loss_group(run_mesh):
     return None
 
 
-def finish_step(step, parts, params, expert_params, run_mesh, optimizer, scheduler):
+def finish_step(step, parts, params, expert_params, run_mesh, optimizer, scheduler, guard=None):
     """J summed over the ranks, gradients clipped at norm 1.0, the optimizer and schedule stepped.
-    Returns (loss, cross-entropy part, balance-loss part, gradient norm, learning rate used)."""
+    Returns (loss, cross-entropy part, balance-loss part, gradient norm, learning rate used). With an
+    UpdateGuard, a step that made the weights non-finite or absurd raises DivergedError (after the
+    optimizer step, before anything can save it)."""
     totals = torch.stack(list(parts))
     dist.all_reduce(totals, group=loss_group(run_mesh))
     loss = float(totals.sum())
@@ -157,8 +205,12 @@ def finish_step(step, parts, params, expert_params, run_mesh, optimizer, schedul
         raise NonFiniteError(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
                              "stopped before the optimizer step (lower --lr or check the data)")
     lr = scheduler.get_last_lr()[0]
+    if guard is not None:
+        guard.before_step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
+    if guard is not None:
+        guard.after_step(step)
     return loss, float(totals[0]), float(totals[1]), grad_norm, lr
 

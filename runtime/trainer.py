@@ -33,8 +33,9 @@ from runtime.mesh import build_mesh, init_distributed
 from runtime.metrics import MetricsLog, StepTimer, model_flops_per_step, peak_flops, peak_memory_gib
 from runtime.parallelize import build_rank_model, expert_parameters, parallelize, stage_ranges
 from runtime.pipeline import build_pipeline
-from runtime.preflight import RunError, check_run, compute_dtype_name, find_plan
-from runtime.step import StepShape, build_optimizer, finish_step, forward_backward_step, pipeline_step
+from runtime.preflight import RunError, check_run, claim_save_dir, compute_dtype_name, find_plan, release_save_dirs
+from runtime.step import (NonFiniteError, StepShape, UpdateGuard, build_optimizer, finish_step,
+                          forward_backward_step, pipeline_step)
 
 RunArgs = RunOptions  # the runtime's name for the options of a run
 
@@ -53,14 +54,26 @@ class RankState:
 def train(args: RunOptions):
     """Trains `args.max_steps` steps; returns (the per-step records, {parameter name: this rank's
     tensor}), on every rank."""
+    # the checks, cheapest first and all before any heavy work: the option values, the plan against
+    # the run, the save directory (and its lock: one run per --save_dir), then the data
+    args.validate()
+    checkpoint.check_options(args)
     world, rank = dist.get_world_size(), dist.get_rank()
-    config = load_config(args.model_id)
+    config = load_config(args.model_id, trust_remote_code=args.trust_remote_code)
     plan, plan_path = find_plan(args, config)
     check_run(args, plan, plan_path, world)
+    claim_save_dir(args.save_dir, rank)
+    resume_dir = None
+    if args.resume_path:  # checked in full (checksums, metadata) before any heavy work
+        resume_dir, committed = checkpoint.open_resume(args.resume_path, args.save_dir)
+        if args.max_steps <= committed["step"]:
+            raise checkpoint.CheckpointError(
+                f"--max_steps {args.max_steps}: --resume_path {resume_dir} is at step {committed['step']} already; "
+                f"give a --max_steps larger than {committed['step']} (the total, not the steps to add)")
     partitions = plan.op_partitions(plan_path)  # the plan's ops: how each op family is split
     seq_len, global_batch = plan.search_inputs["seq_len"], plan.search_inputs["global_batch_size"]
     micro = plan.search_inputs["micro_batch_size"]
-    data = GlobalBatches(load_rows(args.dataset_path, seq_len), global_batch, args.seed)
+    data = GlobalBatches(load_rows(args.dataset_path, seq_len, config.vocab_size), global_batch, args.seed)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
     run_mesh = build_mesh(plan, device.type)
     shape = StepShape(tokens=global_batch * (seq_len - 1), microbatches=global_batch // micro, micro_batch_size=micro)
@@ -69,14 +82,16 @@ def train(args: RunOptions):
     params = [p for h in state.holders for p in h.parameters()]
     optimizer, scheduler = build_optimizer(params, args)
     start_step = 0
-    if args.resume_path:
-        path = checkpoint.resolve(args.resume_path, args.save_dir)
-        start_step = checkpoint.load(path, state.holders, optimizer, scheduler, state.ep_mesh)
+    if resume_dir is not None:
+        start_step = checkpoint.load(resume_dir, state.holders, optimizer, scheduler, state.ep_mesh)
+    healthy = resume_dir  # the newest checkpoint of this run's lineage: what to go back to if it diverges
+    guard = UpdateGuard(params, run_mesh, state.expert_params)
 
     def save(step):
+        nonlocal healthy
         hf_files = checkpoint.hf_files_of_run(args.model_id, args.tokenizer_path) if rank == 0 else None
-        checkpoint.save(args.save_dir, step, state.holders, optimizer, scheduler, args.keep_last,
-                        hf_files=hf_files, ep_mesh=state.ep_mesh)
+        healthy = checkpoint.save(args.save_dir, step, state.holders, optimizer, scheduler, args.keep_last,
+                                  hf_files=hf_files, ep_mesh=state.ep_mesh, parent=healthy, protect=resume_dir)
 
     metrics = MetricsLog(args.save_dir, enabled=(rank == 0))
     progress = tqdm(total=args.max_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
@@ -91,8 +106,14 @@ def train(args: RunOptions):
             parts = pipeline_step(state.pipeline, local)
         else:
             parts = forward_backward_step(state.model, local, shape, args)
-        loss, ce, aux, grad_norm, lr = finish_step(step, parts, params, state.expert_params, run_mesh,
-                                                   optimizer, scheduler)
+        try:
+            loss, ce, aux, grad_norm, lr = finish_step(step, parts, params, state.expert_params, run_mesh,
+                                                       optimizer, scheduler, guard)
+        except NonFiniteError as e:  # nothing after this step is saved: name what to resume from
+            if healthy is None:
+                raise type(e)(f"{e}; no checkpoint of this run to go back to: start again with a lower --lr") from None
+            raise type(e)(f"{e}; the last healthy checkpoint is {healthy}: resume from it with --resume_path "
+                          f"{healthy} and a lower --lr") from None
         times = timer.stop()
         tokens = global_batch * seq_len
         record = {"step": step + 1, "loss": loss, "lm_loss": ce, "aux_loss": aux, "grad_norm": grad_norm, "lr": lr,
@@ -141,6 +162,7 @@ def run(args: RunOptions):
     try:
         records, _ = train(args)
     finally:
+        release_save_dirs()
         dist.destroy_process_group()
     return records
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from compiler.annotations import parse_annotation
-from compiler.plan import Plan, PlanError, Stage
+from compiler.plan import Plan, PlanError, Stage, fingerprint_sha
 from modeling import spec
 
 
@@ -28,8 +28,11 @@ def _plan(tp=1, ep=1, ops=None):
     ngpus = tp * ep
     if ops is None:
         ops = {name: {"partition": p} for name, p in spec.partitions_for_mesh(tp, ep).items()}
-    return Plan(model={"name": "m", "fingerprint": {"num_hidden_layers": 2}},
-                search_inputs={"runtime_ngpus": ngpus}, plan_ngpus=ngpus,
+    # a complete plan (Plan.from_dict checks every field the runtime reads): batch 1 x ep data ranks
+    return Plan(model={"name": "m", "fingerprint": {"num_hidden_layers": 2},
+                       "fingerprint_sha": fingerprint_sha({"num_hidden_layers": 2})},
+                search_inputs={"seq_len": 16, "micro_batch_size": 1, "global_batch_size": ep, "runtime_ngpus": ngpus,
+                               "device_profile": "cpu", "mem_limit_gib": 8.0}, plan_ngpus=ngpus,
                 mesh={"pp": 1, "dp": 1, "ep": ep, "tp": tp},
                 stages=[Stage(index=0, layers=[0, 2], devices=list(range(ngpus)), embed=True, head=True)],
                 ops=ops, zero={"level": 0, "shard_over_replicas": False},
