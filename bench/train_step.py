@@ -25,8 +25,12 @@ Variants: comma-separated; each is `base` or settings joined by `+` over the bas
   recompute = plan | none | full   activation recompute (plan: what the compiler chose)
   micro     = --micro_batch_size | N   sequences per micro-batch (its own compiled plan)
   dtype     = bf16 on cuda, fp32 on cpu | bf16 | fp32
+`plan` is the compiler's own choice: the plan compiled with `--micro_batch_size auto` and no
+execution flag, run with what it chose. Every other variant's plan is compiled with its options
+pinned, so the prediction is for what it runs.
 Presets: `techniques` (each technique alone on top of base, then all together, then all with a
-larger micro-batch) and `quick` (base and all together).
+larger micro-batch), `quick` (base and all together), `plan_vs_hand` (base, plan, all options at
+micro-batch 8 / 16 / 32) and `calibrate` (each costed option alone, then all).
 
 Measured per variant: median step time (the trainer's CUDA events around the whole step, from
 fetching the batch to the end of the optimizer step; host clock on a CPU), tokens/s, MFU, peak memory
@@ -76,6 +80,10 @@ PRESETS = {
                    "compile=layer", "compile=layer_eager_experts", "ce_chunk=4096", "adamw=fused", "sync=step",
                    "recompute=full", _ALL, _ALL + "+micro=8"],
     "quick": ["base", _ALL],
+    # the H200 table of bench/RESULTS.md: the compiler's own plan beside the hand-tuned options
+    "plan_vs_hand": ["base", "plan", _ALL + "+micro=8", _ALL + "+micro=16", _ALL + "+micro=32"],
+    # each costed option alone at the base micro-batch, then all: the profile's execution factors
+    "calibrate": ["base", "compile=layer", "ce_chunk=4096", "adamw=fused", "sync=step", _ALL],
 }
 
 
@@ -113,10 +121,14 @@ def flops_per_token(config, seq_len):
 
 # ---- variants -------------------------------------------------------------------------------------------
 def parse_variant(text):
-    """'base' or 'key=value+key=value' -> settings over BASE (values checked)."""
+    """'base', 'plan' or 'key=value+key=value' -> settings over BASE (values checked). 'plan' is the
+    compiler's own choice: micro-batch size and execution searched (`--micro_batch_size auto`, no
+    execution flag), run exactly as the plan says."""
     settings = dict(BASE)
     if text == "base":
         return settings
+    if text == "plan":
+        return {**settings, "plan": True, "micro": "auto"}
     for part in text.split("+"):
         key, sep, value = part.partition("=")
         if not sep or key not in BASE:
@@ -174,20 +186,22 @@ class Plans:
         self.args, self.model_id, self.out_dir = args, model_id, out_dir
         self.cache = {}
 
-    def get(self, micro, recompute, execution):
-        """execution: the variant's speed options (options.ExecutionOptions fields; None or False
-        leaves one at its default), which the compiler costs."""
+    def get(self, micro, recompute, execution, searched=False, dtype=None):
+        """execution: the variant's execution options (options.ExecutionOptions fields), pinned so that
+        the prediction is for what the variant runs; searched: the compiler chooses them (and the
+        micro-batch, given as "auto") itself."""
         from compiler.compile import compile_plan
-        from options import CompileOptions
-        tag = "_".join(f"{k}-{v}" for k, v in sorted(execution.items()) if v) or "plain"
-        key = (micro, tag)
+        from options import CompileOptions, ExecutionOptions
+        tag = "searched" if searched else "_".join(f"{k}-{v}" for k, v in sorted(execution.items()) if v) or "plain"
+        key = (micro, tag, dtype)
         if key not in self.cache:
             path = os.path.join(self.out_dir, "plans", f"plan_mb{micro}_{tag}.json")
             plan, _ = compile_plan(CompileOptions(
                 model_id=self.model_id, plan_ngpus=1, runtime_ngpus=1, seq_len=self.args.seq_len,
                 micro_batch_size=micro, global_batch_size=self.args.global_batch_size,
                 mem_limit_gib=self.args.mem_limit_gib, device_profile=self.args.device_profile,
-                plan_out=path, report=False, **{k: v for k, v in execution.items() if v is not None}))
+                plan_out=path, report=False, pinned=() if searched else ExecutionOptions.COSTED, compute_dtype=dtype,
+                **({} if searched else {k: v for k, v in execution.items() if v is not None})))
             self.cache[key] = (plan, path)
         plan, path = self.cache[key]
         if recompute in ("plan", plan.stages[0].recompute):
@@ -226,12 +240,18 @@ class Plans:
 # ---- one variant --------------------------------------------------------------------------------------------
 def run_variant(name, settings, args, model_id, data_path, plans, flops_token, out_dir, index):
     from runtime.trainer import RunArgs, train
+    searched = settings.get("plan", False)
     micro = settings["micro"] or args.micro_batch_size
     recompute = args.recompute if settings["recompute"] == "plan" and args.recompute else settings["recompute"]
     execution = {"compile": settings["compile"] if settings["compile"] != "none" else None,
                  "ce_chunk_tokens": settings["ce_chunk"], "fused_adamw": settings["adamw"] == "fused",
                  "defer_grad_sync": settings["sync"] == "step"}
-    plan, plan_path = plans.get(micro, recompute, execution)
+    plan, plan_path = plans.get(micro, recompute, execution, searched, settings["dtype"])
+    if searched:  # run what the plan chose: its execution (adopted by the run) and micro-batch
+        micro = plan.search_inputs["micro_batch_size"]
+        execution = {"compile": "none", "ce_chunk_tokens": 0, "fused_adamw": False, "defer_grad_sync": False}
+        settings = {**settings, "attention": None, "compile": "none", "ce_chunk": 0, "adamw": "foreach",
+                    "sync": "microbatch"}
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -252,7 +272,7 @@ def run_variant(name, settings, args, model_id, data_path, plans, flops_token, o
     step = statistics.median(r[key] for r in timed)
     tokens = timed[0]["tokens"]
     result = {
-        "variant": name, "settings": settings, "micro_batch_size": micro,
+        "variant": name, "settings": settings, "micro_batch_size": micro, "plan_execution": plan.execution,
         "recompute": plan.stages[0].recompute, "zero": plan.zero["level"], "micro_batches": plan.schedule["micro_batches"],
         "steps": len(records), "timed_steps": len(timed), "step_time_s": step,
         "step_time_min_s": min(r[key] for r in timed), "step_time_max_s": max(r[key] for r in timed),

@@ -16,12 +16,17 @@ import torch
 from compiler.cost_model import CostModel, model_costs
 from compiler.plan import Plan, PlanError, Stage, default_plan_path, model_fingerprint, model_name_of, summarize
 from compiler.profiles import load_profile
-from compiler.search import explain, search
+from compiler.execution import describe_effects, effects, pinned_options, variants
+from compiler.search import NoPlanFits, SearchResult, divisors, explain, search
 from compiler.trace import build_traced_model, trace_training_step
 from modeling import spec
 from options import CompileOptions, ExecutionOptions
 
 RUNNERS_UP = 8
+# More devices than this for one copy of a plan is a typo, not a machine (the search would take minutes)
+MAX_PLAN_DEVICES = 4096
+# --micro_batch_size auto tries the divisors of the global batch up to this many sequences
+MAX_AUTO_MICRO_BATCH = 64
 
 
 def check_options(options: CompileOptions):
@@ -34,13 +39,17 @@ def check_options(options: CompileOptions):
     if runtime % options.plan_ngpus:
         raise PlanError(f"--runtime_ngpus {runtime} is not a multiple of --plan_ngpus {options.plan_ngpus}: the plan "
                         "is replicated runtime_ngpus / plan_ngpus times; choose a multiple")
-    for flag, value in (("--seq_len", options.seq_len), ("--micro_batch_size", options.micro_batch_size),
+    if options.plan_ngpus > MAX_PLAN_DEVICES:
+        raise PlanError(f"--plan_ngpus {options.plan_ngpus}: a plan spans at most {MAX_PLAN_DEVICES} devices; compile "
+                        "a plan for fewer and replicate it with --runtime_ngpus")
+    micro = options.micro_batch_size
+    for flag, value in (("--seq_len", options.seq_len), ("--micro_batch_size", 1 if micro == "auto" else micro),
                         ("--global_batch_size", options.global_batch_size)):
-        if value < 1:
-            raise PlanError(f"{flag} must be positive, got {value}")
+        if not isinstance(value, int) or value < 1:
+            raise PlanError(f"{flag} must be a positive integer, got {value!r}")
     if options.seq_len < 2:
         raise PlanError("--seq_len must be at least 2 (inputs and next-token labels)")
-    if options.global_batch_size % options.micro_batch_size:
+    if micro != "auto" and options.global_batch_size % micro:
         raise PlanError(f"--global_batch_size {options.global_batch_size} is not a multiple of --micro_batch_size "
                         f"{options.micro_batch_size}")
     if options.mem_limit_gib <= 0:
@@ -66,7 +75,7 @@ def compile_plan(options: CompileOptions):
     check_options(options)
     runtime = options.runtime_ngpus or options.plan_ngpus
     started = time.perf_counter()
-    config = load_config(options.model_id)
+    config = load_config(options.model_id, trust_remote_code=options.trust_remote_code)
     profile = load_profile(options.device_profile)
     mem_limit = options.mem_limit_gib
     if mem_limit > profile.memory_gib:
@@ -77,20 +86,33 @@ def compile_plan(options: CompileOptions):
     dtype = options.compute_dtype or ("fp32" if profile.name == "cpu" else "bf16")
     if dtype not in ("bf16", "fp32"):
         raise PlanError(f"compute dtype {dtype!r}: use bf16 or fp32")
-    _log(f"tracing the training form of {options.model_id} on the meta device "
-         f"(micro-batch {options.micro_batch_size} x {options.seq_len} tokens, {dtype})")
-    model = build_traced_model(config, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-    graph = trace_training_step(model, options.micro_batch_size, options.seq_len)
-    _log(f"traced {len(graph.ops)} ops ({graph.total_flops() / 1e12:.2f} TFLOP per micro-batch, "
-         f"{len(graph.custom_ops())} annotated custom-op calls) in {graph.trace_seconds:.1f} s")
-
-    costs = model_costs(graph, config)
-    cost_model = CostModel(costs, profile, mem_limit, runtime_replicas=runtime // options.plan_ngpus, dtype=dtype,
-                           execution=options.execution())
-    _log(f"searching plans for {options.plan_ngpus} devices with the {profile.name} profile, "
-         f"{mem_limit:g} GiB per device")
-    result = search(cost_model, options.plan_ngpus, runtime, options.global_batch_size, options.micro_batch_size)
-    _log(f"scored {result.considered} candidates, {len(result.ranked)} fit")
+    pinned = pinned_options(options.execution(), options.pinned)
+    executions = variants(options.execution(), pinned, dtype)
+    micro_sizes = micro_batch_sizes(options, runtime)
+    traced = spec.representative_config(config)
+    _log(f"tracing the training form of {options.model_id} on the meta device ({traced.num_hidden_layers} of its "
+         f"{config.num_hidden_layers} layers: one of each kind; {options.seq_len} tokens per sequence, {dtype}, "
+         f"micro-batch {', '.join(map(str, micro_sizes))})")
+    replicas = runtime // options.plan_ngpus
+    graphs, models, results, no_fit = {}, {}, [], None
+    meta_model = build_traced_model(traced, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    for micro in micro_sizes:
+        graph = trace_training_step(meta_model, micro, options.seq_len)
+        costs = dataclasses.replace(model_costs(graph, traced), layer_kinds=spec.layer_kinds(config))
+        graphs[micro] = graph
+        models[micro] = CostModel(costs, profile, mem_limit, runtime_replicas=replicas, dtype=dtype,
+                                  execution=options.execution())
+        try:
+            results.append(search(models[micro], options.plan_ngpus, runtime, options.global_batch_size, micro,
+                                  executions))
+        except NoPlanFits as e:
+            no_fit = e
+    if not results:
+        raise no_fit
+    result = merge_results(results)
+    _log(f"searched {options.plan_ngpus} devices with the {profile.name} profile, {mem_limit:g} GiB per device, "
+         f"{len(executions)} execution variant(s) (pinned: {', '.join(pinned) or 'none'}): scored "
+         f"{result.considered} candidates, {len(result.ranked)} fit")
     if options.plan_rank > 1:
         if options.plan_rank > len(result.ranked):
             raise PlanError(f"--plan_rank {options.plan_rank}: only {len(result.ranked)} candidates fit; choose at "
@@ -100,9 +122,14 @@ def compile_plan(options: CompileOptions):
              f"{result.best.candidate.describe()}")
         result = dataclasses.replace(result, best=chosen,
                                      ranked=[chosen] + [r for r in result.ranked if r is not chosen])
+    best = result.best
+    model = models[best.micro_batch_size]
+    chosen_effects = effects(lambda e: model.with_execution(e).evaluate(best.candidate), best.execution,
+                             best.candidate, dtype)
 
     name = model_name_of(options.model_id)
-    plan = build_plan(name, config, options, runtime, mem_limit, profile, graph, result, dtype)
+    plan = build_plan(name, config, options, runtime, mem_limit, profile, graphs[best.micro_batch_size], result,
+                      dtype, chosen_effects)
     path = options.plan_out or default_plan_path(name, options.plan_ngpus, options.plans_dir)
     plan.save(path)
     if options.report:
@@ -111,6 +138,21 @@ def compile_plan(options: CompileOptions):
         write_report(plan, stem + ".md", stem + ".png")
     _log(f"done in {time.perf_counter() - started:.1f} s; plan written to {path}")
     return plan, path
+
+
+def micro_batch_sizes(options: CompileOptions, runtime):
+    """The micro-batch sizes to search: the one given, or with `--micro_batch_size auto` every
+    divisor of the global batch up to MAX_AUTO_MICRO_BATCH."""
+    if options.micro_batch_size != "auto":
+        return [options.micro_batch_size]
+    return [m for m in divisors(options.global_batch_size) if m <= MAX_AUTO_MICRO_BATCH]
+
+
+def merge_results(results):
+    """One ranking over the searches of several micro-batch sizes."""
+    ranked = sorted((s for r in results for s in r.ranked), key=lambda s: s.sort_key())
+    rejected = sorted((x for r in results for x in r.rejected), key=lambda x: x[0].sort_key())
+    return SearchResult(best=ranked[0], ranked=ranked, rejected=rejected, considered=sum(r.considered for r in results))
 
 
 def _ops_section(cand, graph):
@@ -172,7 +214,16 @@ def assign_chunks(stages, virtual_stages):
         stage.layers = [stage.chunks[0][0], stage.chunks[-1][1]]
 
 
-def build_plan(name, config, options, runtime, mem_limit, profile, graph, result, dtype):
+def describe(scored):
+    """A candidate with its micro-batch size and execution, as the plan lists runners-up."""
+    text = f"{scored.candidate.describe()}, micro-batch {scored.micro_batch_size}"
+    chosen = scored.execution.costed() if scored.execution is not None else {}
+    return text + (", " + ", ".join(f"{k}={v}" for k, v in chosen.items()) if chosen else "")
+
+
+def build_plan(name, config, options, runtime, mem_limit, profile, graph, result, dtype, execution_effects):
+    """The plan document of the search's best candidate, with its runners-up, the reasons, and what
+    each execution option it chose bought in the prediction."""
     best = result.best.candidate
     fields, digest = model_fingerprint(config)
     layer_ranges = best.stage_layers(config.num_hidden_layers)
@@ -182,14 +233,20 @@ def build_plan(name, config, options, runtime, mem_limit, profile, graph, result
               for s, (first, last) in enumerate(layer_ranges)]
     if best.schedule == "Interleaved1F1B":
         assign_chunks(stages, best.virtual_stages)
-    alternatives = [{"summary": r.candidate.describe(), "predicted": _predicted(r.prediction)}
+    alternatives = [{"summary": describe(r), "predicted": _predicted(r.prediction)}
                     for r in result.ranked[1:1 + RUNNERS_UP]]
-    alternatives += [{"summary": r.candidate.describe(), "predicted": _predicted(r.prediction), "rejected": why}
+    alternatives += [{"summary": describe(r), "predicted": _predicted(r.prediction), "rejected": why}
                      for r, why in result.rejected[:3]]
+    predicted = _predicted(result.best.prediction)
+    predicted["execution_effects"] = execution_effects
+    explanation = explain(result)
+    if execution_effects:
+        explanation += "\nExecution chosen, and what each option buys in the prediction:\n" + "\n".join(
+            describe_effects(execution_effects))
     return Plan(
         model={"name": name, "model_id": options.model_id, "model_type": config.model_type,
                "fingerprint": fields, "fingerprint_sha": digest},
-        search_inputs={"seq_len": options.seq_len, "micro_batch_size": options.micro_batch_size,
+        search_inputs={"seq_len": options.seq_len, "micro_batch_size": result.best.micro_batch_size,
                        "global_batch_size": options.global_batch_size, "runtime_ngpus": runtime,
                        "device_profile": profile.name, "mem_limit_gib": mem_limit,
                        "dtype": dtype, "device_name": profile.device_name},
@@ -200,10 +257,10 @@ def build_plan(name, config, options, runtime, mem_limit, profile, graph, result
         zero={"level": best.zero, "shard_over_replicas": bool(best.zero_over_replicas)},
         schedule={"name": best.schedule, "micro_batches": best.micro_batches,
                   "virtual_stages": best.virtual_stages},
-        predicted=_predicted(result.best.prediction),
+        predicted=predicted,
         alternatives=alternatives,
-        explanation=explain(result),
-        execution=options.costed(),
+        explanation=explanation,
+        execution=result.best.execution.costed(),
     )
 
 

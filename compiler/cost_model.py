@@ -12,6 +12,7 @@ assumption is a named constant or a documented formula here, so the calibration 
 runs (bench/RESULTS.md) has one place to change.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -223,6 +224,17 @@ class CostModel:
         self.replicas = runtime_replicas
         self.reserved_gib = CPU_PROCESS_GIB if profile.name == "cpu" else RESERVED_GIB
         self._cache = {}
+        self._siblings = {}
+
+    def with_execution(self, execution: ExecutionOptions) -> "CostModel":
+        """The same model, devices and memory limit priced for another execution (made once each)."""
+        key = dataclasses.astuple(execution)
+        if key == dataclasses.astuple(self.execution):
+            return self
+        if key not in self._siblings:
+            self._siblings[key] = CostModel(self.costs, self.profile, self.mem_limit_gib, self.replicas, self.dtype,
+                                            execution)
+        return self._siblings[key]
 
     # ---- compute -------------------------------------------------------------------------------
     def _family_time(self, family, cost: FamilyCost, tp, ep, kind_name=None):
@@ -287,7 +299,15 @@ class CostModel:
 
     # ---- parameters and memory ------------------------------------------------------------------
     def _device_params(self, kind: LayerKind, tp, ep):
-        """(dense, expert) parameters of one block on one device."""
+        """(dense, expert) parameters of one block on one device (computed once per block kind and
+        degrees: the search asks for them millions of times)."""
+        key = ("params", kind.name, tp, ep)
+        if key not in self._cache:
+            self._cache[key] = self._count_device_params(kind, tp, ep)
+        return self._cache[key]
+
+    @staticmethod
+    def _count_device_params(kind: LayerKind, tp, ep):
         dense = expert = 0.0
         for family, n in kind.params.items():
             split = tp if spec.splits_with_tensor_parallel(family) else 1
@@ -354,6 +374,13 @@ class CostModel:
         return cand.dp * cand.ep * outer, cand.dp * outer
 
     def _saved(self, block, tp):
+        """Bytes one block keeps for its backward per micro-batch on one device (cached per kind)."""
+        key = ("saved", block.name, tp)
+        if key not in self._cache:
+            self._cache[key] = self._count_saved(block, tp)
+        return self._cache[key]
+
+    def _count_saved(self, block, tp):
         if block.name == "head" and self.loss_chunk_tokens:
             return block.input_bytes  # only the final hidden states: the chunks' logits are not kept
         saved = sum(b / (tp if spec.splits_with_tensor_parallel(f) and f != "experts" else 1)

@@ -12,12 +12,15 @@ The result is deterministic: candidates are ranked by predicted step time, then 
 a fixed order of their fields.
 """
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from compiler.cost_model import Candidate, CostModel, Prediction
+from compiler.execution import complexity, unsupported
+from options import ExecutionOptions
 
 from errors import UserError
 
@@ -37,11 +40,15 @@ class NoPlanFits(UserError):
 class Scored:
     candidate: Candidate
     prediction: Prediction
+    execution: Optional[ExecutionOptions] = None  # how its steps run (None: the cost model's own)
+    micro_batch_size: Optional[int] = None
 
     def sort_key(self):
         c = self.candidate
-        return (round(self.prediction.step_time_s, 9), round(self.prediction.max_peak_gib, 6), c.pp, c.tp, c.ep,
-                c.zero, c.zero_over_replicas, c.schedule, c.splits, c.recompute)
+        simpler = complexity(self.execution) if self.execution is not None else 0
+        return (round(self.prediction.step_time_s, 9), round(self.prediction.max_peak_gib, 6), simpler, c.pp, c.tp,
+                c.ep, c.zero, c.zero_over_replicas, c.schedule, c.splits, c.recompute,
+                dataclasses.astuple(self.execution) if self.execution is not None else (), self.micro_batch_size or 0)
 
 
 @dataclass
@@ -53,7 +60,9 @@ class SearchResult:
 
 
 def divisors(n):
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n in increasing order (O(sqrt n): plan_ngpus may be large)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def _splits(num_layers, pp):
@@ -85,7 +94,12 @@ def _schedules(pp, micro_batches, num_layers):
     return options
 
 
-def search(model: CostModel, plan_ngpus, runtime_ngpus, global_batch_size, micro_batch_size) -> SearchResult:
+def search(model: CostModel, plan_ngpus, runtime_ngpus, global_batch_size, micro_batch_size,
+           executions: Optional[List[ExecutionOptions]] = None) -> SearchResult:
+    """The ranked candidates for one micro-batch size. executions: the ways to run a step to score
+    each candidate under (compiler/execution.py variants; default: the cost model's own); each
+    candidate keeps its best supported one."""
+    executions = executions or [model.execution]
     costs = model.costs
     num_layers = len(costs.layer_kinds)
     replicas = runtime_ngpus // plan_ngpus
@@ -93,6 +107,7 @@ def search(model: CostModel, plan_ngpus, runtime_ngpus, global_batch_size, micro
     feasible: List[Scored] = []
     rejected: List[Tuple[Scored, str]] = []
     considered = 0
+    refusals = set()  # why the runtime could not execute a candidate under any of the executions
     for pp, dp, ep, tp in mesh_shapes(plan_ngpus, num_layers, costs.num_heads, costs.num_experts, has_moe):
         data_parallel = dp * ep * replicas
         if global_batch_size % (micro_batch_size * data_parallel):
@@ -117,17 +132,19 @@ def search(model: CostModel, plan_ngpus, runtime_ngpus, global_batch_size, micro
                 split_options = [_balanced_split(model, make, num_layers, pp)]
             for splits in split_options:
                 considered += 1
-                probe = make(splits, ("none",) * pp)
-                recompute = tuple("none" if model.stage_memory(probe, s, "none")["total"] <= model.mem_limit_gib
-                                  else "full" for s in range(pp))
-                cand = make(splits, recompute)
-                scored = Scored(cand, model.evaluate(cand))
+                scored = _best_execution(model, executions, make, splits, pp, zero)
+                if scored is None:
+                    refusals.update(unsupported(e, pp, zero, model.dtype) for e in executions)
+                    continue
+                scored.micro_batch_size = micro_batch_size
                 if scored.prediction.fits:
                     feasible.append(scored)
                 else:
                     rejected.append((scored, f"peak {scored.prediction.max_peak_gib:.1f} GiB > limit "
                                              f"{model.mem_limit_gib:g} GiB"))
     if not feasible:
+        if not rejected and refusals:
+            raise NoPlanFits("no candidate can run with the execution options given: " + "; ".join(sorted(refusals)))
         if not rejected:
             raise NoPlanFits(f"no mesh of {plan_ngpus} devices divides the batch: global batch {global_batch_size} "
                              f"must be a multiple of micro batch {micro_batch_size} x data-parallel ranks; change "
@@ -140,6 +157,24 @@ def search(model: CostModel, plan_ngpus, runtime_ngpus, global_batch_size, micro
     feasible.sort(key=Scored.sort_key)
     rejected.sort(key=lambda r: r[0].sort_key())
     return SearchResult(best=feasible[0], ranked=feasible, rejected=rejected, considered=considered)
+
+
+def _best_execution(model, executions, make, splits, pp, zero):
+    """The candidate with these splits under its best supported execution (fitting ones first), with
+    recompute per stage only where the stage would not fit without it; None if none is supported."""
+    best = None
+    for execution in executions:
+        if unsupported(execution, pp, zero, model.dtype):
+            continue
+        priced = model.with_execution(execution)
+        probe = make(splits, ("none",) * pp)
+        recompute = tuple("none" if priced.stage_memory(probe, s, "none")["total"] <= priced.mem_limit_gib
+                          else "full" for s in range(pp))
+        cand = make(splits, recompute)
+        scored = Scored(cand, priced.evaluate(cand), execution)
+        if best is None or (not best.prediction.fits, best.sort_key()) > (not scored.prediction.fits, scored.sort_key()):
+            best = scored
+    return best
 
 
 def _balanced_split(model, make, num_layers, pp):

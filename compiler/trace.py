@@ -112,6 +112,7 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.path_stack = path_stack
         self.phase = "fwd"
+        self.last_backward_path = ""
         self.ops: List[OpRecord] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -121,7 +122,13 @@ class _Recorder(TorchDispatchMode):
         name = str(packet)
         if self.phase == "bwd":
             node = torch._C._current_autograd_node()
-            path = node.metadata.get("module_path", "") if node is not None else ""
+            path = node.metadata.get("module_path") if node is not None else None
+            if path is None:
+                # A node the tagging did not reach runs inside or right after a tagged one: the graph a
+                # custom op's backward builds to recompute its forward (the router), the accumulation
+                # of a parameter's gradient. Its work belongs to that module, not to the head.
+                path = self.last_backward_path
+            self.last_backward_path = path
         else:
             path = self.path_stack[-1] if self.path_stack else ""
         flat_in = _flatten(list(args) + list(kwargs.values()))
@@ -173,6 +180,7 @@ def trace_training_step(model, batch_size, seq_len):
     Tensors saved during the backward (the router's backward recomputes its gate with autograd) are
     transient working memory of one layer's backward, not activations, and are not counted."""
     started = time.perf_counter()
+    model.zero_grad(set_to_none=True)  # a model traced before must not accumulate into old gradients
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     path_stack: List[str] = []

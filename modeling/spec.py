@@ -132,6 +132,17 @@ def layer_kinds(config):
     return ["moe" if is_moe_layer(config, i) else "dense" for i in range(config.num_hidden_layers)]
 
 
+def representative_config(config):
+    """A copy of `config` cut to the fewest leading layers that hold one layer of each kind: every
+    layer of a kind has the same shapes, so a trace of this model costs what the whole one does per
+    layer (the compiler traces it and repeats each kind as `layer_kinds(config)` says)."""
+    kinds = layer_kinds(config)
+    last_first = max(kinds.index(kind) for kind in set(kinds))
+    cut = copy.deepcopy(config)
+    cut.num_hidden_layers = last_first + 1
+    return cut
+
+
 # Config fields that fix the shapes of every tensor: a plan is valid for a model iff these agree.
 FINGERPRINT_FIELDS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",

@@ -15,7 +15,7 @@ import train_step  # noqa: E402
 
 
 def test_bench_runs_every_kind_of_variant_on_cpu(tmp_path):
-    variants = ["base", "ce_chunk=16", "recompute=full", "micro=4", "sync=step+dtype=bf16",
+    variants = ["base", "plan", "ce_chunk=16", "recompute=full", "micro=4", "sync=step+dtype=bf16",
                 "compile=layer+dtype=bf16+ce_chunk=16", "attention=sdpa_cudnn"]
     r = subprocess.run(
         [sys.executable, "bench/train_step.py", "--device", "cpu", "--model_dir", "configs/tiny-deepseek-v2",
@@ -36,6 +36,10 @@ def test_bench_runs_every_kind_of_variant_on_cpu(tmp_path):
         assert "| " + name + " |" in r.stdout
     assert results["recompute=full"]["recompute"] == "full" and results["base"]["recompute"] == "none"
     assert results["micro=4"]["micro_batch_size"] == 4 and results["micro=4"]["micro_batches"] == 2
+    # the compiler's own plan: micro-batch and execution searched, then run as chosen
+    plan = results["plan"]
+    assert plan["micro_batch_size"] in (1, 2, 4, 8) and plan["micro_batches"] * plan["micro_batch_size"] == 8
+    assert results["base"]["plan_execution"] == {}  # hand-written variants pin their options
     # a recompute the compiler did not choose is re-costed, not copied from the plan
     assert results["recompute=full"]["predicted_step_time_s"] > results["base"]["predicted_step_time_s"]
     # every fp32 variant trains the same model on the same data (the techniques change speed only)

@@ -463,7 +463,8 @@ def test_speed_options_are_costed_and_recorded_in_the_plan(tmp_path):
     plan, _ = compile_plan(CompileOptions(model_id=os.path.join(CONFIGS, "tiny-deepseek-v2"), plan_ngpus=1, seq_len=64,
                                           micro_batch_size=2, global_batch_size=4, device_profile="h100",
                                           plan_out=str(tmp_path / "p.json"), report=False,
-                                          compile="layer", ce_chunk_tokens=64, fused_adamw=False))
+                                          compile="layer", ce_chunk_tokens=64, fused_adamw=False,
+                                          pinned=("fused_adamw", "defer_grad_sync")))
     assert plan.execution == {"compile": "layer", "ce_chunk_tokens": 64}
     args = RunArgs(model_id="m", dataset_path="d", plan_ngpus=1, runtime_ngpus=1, ce_chunk_tokens=32)
     adopt_plan_execution(args, plan)
