@@ -4,13 +4,13 @@
 # start the device command with bench/device_wheels.sh --install.
 #
 #   bench/device_wheels.sh            # here: download into .whl/ (git-ignored)
-#   bench/device_wheels.sh --install  # there: install into /tmp/site and print the PYTHONPATH to use
+#   bench/device_wheels.sh --install  # there: install into .site/ (git-ignored) and print the PYTHONPATH to use
 set -euo pipefail
 WHEELS=(transformers==4.40.0 tokenizers==0.19.1 huggingface-hub==0.36.0 datasets==5.0.1 dill==0.4.0
         multiprocess==0.70.18)
 if [[ "${1:-}" == "--install" ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    echo /tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
+    echo "$PWD/.site"
     exit 0
 fi
 mkdir -p .whl
