@@ -68,14 +68,18 @@ class _Document:
     def fail(self, where, msg):
         raise PlanError(f"{self.source}: field `{where}` {msg}; {RECOMPILE}")
 
+    def _lookup(self, container, key, where, required):
+        """(dotted path, value or None); a required field that is absent is a PlanError."""
+        path = f"{where}.{key}" if where else key
+        if key not in container and required:
+            raise PlanError(f"{self.source}: missing field `{path}`; {RECOMPILE}")
+        return path, container.get(key)
+
     def get(self, container, key, where, kind, required=True):
         """container[key] checked to be `kind` ("object", "list", "string", "bool"); None if optional and absent."""
-        path = f"{where}.{key}" if where else key
+        path, value = self._lookup(container, key, where, required)
         if key not in container:
-            if required:
-                raise PlanError(f"{self.source}: missing field `{path}`; {RECOMPILE}")
             return None
-        value = container[key]
         ok = {"object": isinstance(value, dict), "list": isinstance(value, list),
               "string": isinstance(value, str) and value != "", "bool": _is_bool(value)}[kind]
         if not ok:
@@ -85,24 +89,18 @@ class _Document:
 
     def count(self, container, key, where, low=1, required=True):
         """An integer in [low, MAX_COUNT]."""
-        path = f"{where}.{key}" if where else key
+        path, value = self._lookup(container, key, where, required)
         if key not in container:
-            if required:
-                raise PlanError(f"{self.source}: missing field `{path}`; {RECOMPILE}")
             return None
-        value = container[key]
         if not _is_int(value) or not low <= value <= MAX_COUNT:
             self.fail(path, f"must be an integer from {low} to {MAX_COUNT}, got {_type_name(value)} {_short(value)}")
         return value
 
     def number(self, container, key, where, required=True, positive=False):
         """A finite number >= 0 (> 0 if positive)."""
-        path = f"{where}.{key}" if where else key
+        path, value = self._lookup(container, key, where, required)
         if key not in container:
-            if required:
-                raise PlanError(f"{self.source}: missing field `{path}`; {RECOMPILE}")
             return None
-        value = container[key]
         if not _is_number(value) or value < 0 or (positive and value == 0):
             self.fail(path, f"must be a finite number {'> 0' if positive else '>= 0'}, got {_type_name(value)} "
                             f"{_short(value)}")
