@@ -24,6 +24,11 @@ before any work. A document of any length is tokenized in bounded memory: one lo
 concatenated (see ``PIECE_CHARS``). Code shipped with a hub tokenizer runs only with
 ``--trust_remote_code``.
 
+``--format sft`` prepares instruction-tuning data instead (JSON lines / JSON / parquet examples with
+``instruction`` and ``output``, or ``messages``): rendered with the tokenizer's chat template or the
+DeepSeek format, only the responses labelled, packed into rows with per-example position ids. That
+work lives in ``sft_data.py``; this file keeps the command line.
+
 The work is in importable functions (``load_documents``, ``load_tokenizer``, ``tokenize_and_chunk``,
 ``main``) so tests and other scripts can call them. Problems with the input raise ``BookcorpusError``;
 ``main`` prints those as one ``error: ...`` line on stderr and returns exit code 2, like argparse.
@@ -568,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Tokenize a text corpus for pre-training: every document becomes [BOS] + tokens + [EOS], "
             "the documents are concatenated in order, and the token stream is cut into rows of exactly "
             "--sequence_length tokens (the final remainder shorter than a row is dropped). The rows are "
-            "saved with datasets' save_to_disk as one int32 column 'input_ids'."
+            "saved with datasets' save_to_disk as one int32 column 'input_ids'. With --format sft: "
+            "instruction examples, rendered as chat, only the responses labelled, packed into rows."
         ),
         epilog=(
             "example: python bookcorpus.py --data_path_or_name bookcorpus/bookcorpus "
@@ -627,7 +633,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--text_column",
         default="text",
-        help="column that holds the document text in .jsonl/.json/.parquet/hub data (default: text)",
+        help="column that holds the document text in .jsonl/.json/.parquet/hub data (default: text; "
+        "--format text only)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("text", "sft"),
+        default="text",
+        help=(
+            "text (default): pretraining documents, concatenated and cut into rows (column input_ids); "
+            "sft: instruction examples ('instruction'/'output' with optional 'input' and 'system', or "
+            "'messages' [{role, content}]), rendered with the tokenizer's chat_template or else the "
+            "DeepSeek format (User: ...\\n\\nAssistant: ...<EOS>), saved as input_ids, labels (-100 "
+            "except the responses and their EOS) and position_ids (restarting at every example); see sft_data.py"
+        ),
+    )
+    parser.add_argument(
+        "--packing",
+        choices=("on", "off"),
+        default=None,
+        help=(
+            "--format sft only: on (default) packs whole examples greedily in order into each row "
+            "(an example never crosses rows); off puts one example per row, padded. Either way the "
+            "position_ids restart inside rows: train with a plan compiled with --document_masking on"
+        ),
+    )
+    parser.add_argument(
+        "--drop_long",
+        action="store_true",
+        help=(
+            "--format sft only: drop examples longer than --sequence_length tokens instead of cutting "
+            "them to their first --sequence_length tokens (both are counted in the summary)"
+        ),
     )
     return parser
 
@@ -644,10 +681,30 @@ def _main(argv: Optional[list[str]] = None) -> int:
         )
     if args.num_proc < 1:
         raise BookcorpusError(f"--num_proc must be at least 1 (got {args.num_proc})")
+    if args.format != "sft":
+        for flag, given in (("--packing", args.packing is not None), ("--drop_long", args.drop_long)):
+            if given:
+                raise BookcorpusError(f"{flag} applies to --format sft only (pretraining text is always "
+                                      f"concatenated and cut into rows); add --format sft, or leave out {flag}")
     resolve_data_files(args.data_path_or_name)  # a missing path fails here, before the tokenizer loads
     check_save_path(args.save_path)
     tokenizer = load_tokenizer(args.tokenizer_path_or_name, args.trust_remote_code)
     special_token_ids(tokenizer, args.tokenizer_path_or_name)
+    if args.format == "sft":
+        import sft_data  # here, not at the top: sft_data builds on this module
+
+        stats = sft_data.prepare_sft(
+            args.data_path_or_name,
+            tokenizer,
+            args.sequence_length,
+            args.save_path,
+            packing=args.packing != "off",
+            drop_long=args.drop_long,
+            num_proc=args.num_proc,
+            tokenizer_name=args.tokenizer_path_or_name,
+        )
+        print(stats.summary(args.save_path))
+        return 0
     documents = load_documents(args.data_path_or_name, args.text_column, args.num_proc)
     stats = tokenize_and_chunk(
         documents,

@@ -9,6 +9,9 @@ be downloaded. This module builds stand-ins from what every Python installation 
 * ``train_demo_tokenizer`` trains a byte-level BPE tokenizer on that corpus whose vocabulary matches
   the tiny model configs in ``configs/`` (vocab_size 512, bos_token_id 0, eos_token_id 1) and saves
   it as a Hugging Face tokenizer directory that ``AutoTokenizer.from_pretrained`` loads.
+* ``instruction_examples`` / ``write_instruction_jsonl`` derive instruction/response pairs from the
+  same docstrings ("What does the function `base64.b64encode` do?" -> the docstring's first
+  sentence), the input of ``bookcorpus.py --format sft``.
 
 Run it to get both in one directory::
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib.util
 import json
 import os
@@ -245,6 +249,92 @@ def train_demo_tokenizer(
     )
     hf_tokenizer.save_pretrained(str(save_dir))
     return hf_tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# A small instruction set (for `bookcorpus.py --format sft` in the demo and the tests)
+# --------------------------------------------------------------------------------------------
+
+# The "input" of the summarizing examples (the docstring) is cut to this many characters, so
+# that most examples fit the demo's rows of 128 tokens (the demo tokenizer makes about one token
+# of three characters).
+INSTRUCTION_INPUT_CHARS = 200
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_definitions() -> tuple[tuple[str, str, str], ...]:
+    """(qualified name, "function" or "class", docstring) of the public top-level functions and
+    classes of STDLIB_MODULES that have a docstring, in the order of ``stdlib_docstrings``
+    (modules by name, definitions in source order). Read with ``ast`` for the same reason; parsed
+    once per process (about a second), as the tests ask for the examples many times."""
+    definitions = []
+    for module_name in STDLIB_MODULES:
+        path = _module_source_path(module_name)
+        if path is None:
+            continue
+        with tokenize.open(path) as f:
+            tree = ast.parse(f.read(), filename=path)
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node, clean=True)
+            if doc and doc.strip():
+                kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                definitions.append((f"{module_name}.{node.name}", kind, doc.strip()))
+    return tuple(definitions)
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line, ending with a period. A
+    title paragraph (a few words, no period, e.g. "Covariance" above its text) is skipped."""
+    paragraphs = [" ".join(p.split()) for p in doc.split("\n\n") if p.strip()]
+    paragraph = paragraphs[0]
+    if len(paragraphs) > 1 and len(paragraph.split()) <= 4 and not paragraph.endswith((".", "!", "?", ":")):
+        paragraph = paragraphs[1]
+    end = paragraph.find(". ")
+    sentence = paragraph if end < 0 else paragraph[: end + 1]
+    return sentence if sentence.endswith((".", "!", "?")) else sentence + "."
+
+
+def instruction_examples(n: Optional[int] = None) -> list[dict]:
+    """Up to ``n`` (default: all) instruction/response pairs about the standard library, in a fixed order.
+
+    Each comes from one documented function or class (``stdlib_definitions``), and its response is
+    the first sentence of the docstring (``first_sentence``). Every third is a request to summarize
+    the docstring, given (its start) as ``input`` (``{"instruction", "input", "output"}``); the
+    others ask what the function does or what the class is for (``{"instruction", "output"}``), so
+    both record shapes ``bookcorpus.py --format sft`` reads appear. Same Python version, same list.
+    """
+    if n is not None and n < 1:
+        raise ValueError(f"n must be at least 1 (got {n})")
+    examples = []
+    for i, (name, kind, doc) in enumerate(stdlib_definitions()):
+        if n is not None and len(examples) >= n:
+            break
+        answer = first_sentence(doc)
+        if i % 3 == 2:
+            examples.append({
+                "instruction": "Summarize this docstring in one sentence.",
+                "input": doc[:INSTRUCTION_INPUT_CHARS],
+                "output": answer,
+            })
+        elif kind == "class":
+            examples.append({"instruction": f"What is the class `{name}` for?", "output": answer})
+        else:
+            examples.append({"instruction": f"What does the function `{name}` do?", "output": answer})
+    return examples
+
+
+def write_instruction_jsonl(path: str | os.PathLike, n: Optional[int] = None) -> int:
+    """Write ``instruction_examples(n)`` to ``path`` as JSON lines (one object per line, the input
+    ``bookcorpus.py --format sft`` reads); return the number written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    examples = instruction_examples(n)
+    with open(path, "w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(json.dumps(example, ensure_ascii=False) + "\n")
+    return len(examples)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
