@@ -6,10 +6,12 @@ compiler a `CompileOptions`, and a plan records the `ExecutionOptions` it was co
 cost model prices and the run executes. A default therefore lives here and nowhere else.
 
     ExecutionOptions   how a step is computed (attention kernel, compiled layers, chunked loss,
-                       AdamW kind, gradient-sync policy): changes speed and memory, not the result
+                       AdamW kind, gradient-sync policy, ZeRO-3 units kept gathered): changes speed
+                       and memory, not the result
     PlanOptions        which plan: the model, devices, batch shape, device profile, memory limit
-    CompileOptions     PlanOptions + ExecutionOptions + what compile writes
-    RunOptions         PlanOptions + ExecutionOptions + the training loop, checkpoints
+    LoraOptions        LoRA fine-tuning (rank, alpha, dropout, targets): recorded in the plan
+    CompileOptions     PlanOptions + ExecutionOptions + LoraOptions + what compile writes
+    RunOptions         PlanOptions + ExecutionOptions + LoraOptions + the training loop, checkpoints
 """
 
 import argparse
@@ -19,6 +21,7 @@ from typing import Optional
 
 from errors import UserError
 from modeling.kernels import ATTENTION_BACKENDS
+from modeling.lora import DEFAULT_LORA_TARGETS, LORA_TARGETS, LoraConfig, parse_targets as parse_lora_targets
 from modeling.training_form import COMPILE_SCOPES
 
 # which argparse group a flag is listed under in --help
@@ -29,6 +32,8 @@ GROUPS = {
     "execution": "execution (how a step is computed: speed and memory, not the result; each measured by "
                  "bench/train_step.py). Given to compile, they are recorded in the plan and costed; a run uses "
                  "the plan's unless it sets its own. Unset everywhere: the plain path",
+    "lora": "LoRA fine-tuning (given to compile, recorded in the plan and costed; a run takes the plan's, and a "
+            "value other than the plan's is refused)",
 }
 
 
@@ -67,9 +72,10 @@ def count_or_auto(text):
 # infinity with one line naming the flag. An option not listed is checked only for being finite.
 LEAST = {"plan_ngpus": 1, "runtime_ngpus": 1, "seq_len": 2, "micro_batch_size": 1, "global_batch_size": 1,
          "ce_chunk_tokens": 0, "plan_rank": 1, "max_steps": 0, "lr": 0.0, "weight_decay": 0.0, "warmup_steps": 0,
-         "seed": 0, "save_every": 0}
+         "seed": 0, "save_every": 0, "zero3_keep_gathered": 0, "expert_load_imbalance": 1.0}
 ABOVE = {"mem_limit_gib": 0.0}   # strictly greater than
 MOST = {"seed": 2**32 - 1}       # the data order and initial values are seeded with seed * 1e6 + ..., in 64 bits
+LEAST.update(min_lr=0.0, eval_every=0)  # the learning-rate schedule's floor; evaluation period
 
 
 class OptionError(UserError):
@@ -114,16 +120,23 @@ class ExecutionOptions(Options):
                 "compute; the first step includes the compile time", "execution", choices=COMPILE_SCOPES)
     ce_chunk_tokens: int = option(
         0, "compute the cross-entropy from the final hidden states this many positions at a time, never "
-           "holding the full float32 logits (0: the plain loss over full logits; plans without pipeline stages)",
+           "holding the full float32 logits (0: the plain loss over full logits; with pipeline stages the last "
+           "stage computes it)",
         "execution")
     fused_adamw: bool = option(False, "AdamW's fused kernel instead of the foreach one", "execution")
     defer_grad_sync: bool = option(
         False, "ZeRO 0 plans: accumulate gradients over the step's micro-batches (float32) and reduce them once, "
                "keeping the bf16 weight copies gathered in between", "execution")
+    zero3_keep_gathered: int = option(
+        0, "ZeRO 3 plans without pipeline stages: the last K FSDP units to run their forward keep their gathered "
+           "bf16 weights until their backward (FSDP2 reshard_after_forward=False): first the model's own "
+           "parameters (embedding, final norm, head), then the decoder layers from the last. Each unit kept needs "
+           "one all-gather fewer per micro-batch and holds its gathered copy in between (0: every unit resharded "
+           "after its forward, plain ZeRO 3)", "execution")
 
-    # The options that change a step's cost, as a plan records them (the attention kernel is the
-    # run's choice of implementation; the cost model prices the kernel the trace sees).
-    COSTED = ("compile", "ce_chunk_tokens", "fused_adamw", "defer_grad_sync")
+    # The options that change a step's cost, as a plan records them; the search chooses each one the
+    # user does not give (compiler/execution.py).
+    COSTED = ("attention", "compile", "ce_chunk_tokens", "fused_adamw", "defer_grad_sync", "zero3_keep_gathered")
 
     def costed(self):
         """The cost-relevant options that differ from the plain path: a plan's `execution` field."""
@@ -170,14 +183,57 @@ class PlanOptions(Options):
         None, "sequences per optimizer step (compile: default 64; run: the plan's, and a different value is "
               "refused)", "train")
     plans_dir: str = option("plans", "where compiled plans are written and looked up", "plan", cli=False)
+    document_masking: Optional[bool] = option(
+        None, "on|off: the rows pack several documents (instruction data: position_ids restart at 0 inside a row), so "
+              "attention is block-causal within each document (the documents regrouped for the causal kernel); "
+              "compile costs that (default off), a run of packed rows needs a plan compiled with it on, and a run "
+              "given the flag must agree with its plan", "plan", parse=on_off)
+
+
+@dataclass
+class LoraOptions(Options):
+    """LoRA fine-tuning: adapters of rank lora_rank on the projections of the lora_targets families
+    (modeling/lora.py), the base weights frozen in the compute dtype."""
+
+    lora_rank: int = option(
+        0, "LoRA: train rank-R adapters on the projections of --lora_targets over frozen base weights, which stay "
+           "in the compute dtype with no fp32 copy, gradient or optimizer state (0: train every weight)", "lora")
+    lora_alpha: float = option(16.0, "LoRA scaling numerator: each update is scaled by alpha / rank", "lora")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input in training, from 0 to below 1", "lora")
+    lora_targets: str = option(
+        DEFAULT_LORA_TARGETS, "comma list of the op families whose projections get adapters, among "
+                              f"{', '.join(LORA_TARGETS)} (experts: per-expert adapters, stacked; the router, "
+                              "embeddings, norms and head are never adapted)", "lora")
+
+    def validate(self):
+        super().validate()
+        if not self.lora_dropout < 1.0:
+            raise OptionError(f"--lora_dropout {self.lora_dropout}: must be from 0 to below 1 (default 0.0)")
+        try:
+            parse_lora_targets(self.lora_targets)
+        except ValueError as e:
+            raise OptionError(f"--lora_targets {self.lora_targets}: {e}") from None
+        return self
+
+    def lora_record(self):
+        """The plan's and checkpoint's `lora` record of these options, or None without LoRA."""
+        if not self.lora_rank:
+            return None
+        return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets).record()
+
+
+# the plan's `lora` record (and lora.json) field -> the option that sets it
+LORA_FIELDS = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets"}
+LEAST.update(lora_rank=0, lora_dropout=0.0)
+ABOVE.update(lora_alpha=0.0)
 
 
 COMPILE_DEFAULTS = {"seq_len": 2048, "micro_batch_size": 4, "global_batch_size": 64}
 
 
 @dataclass
-class CompileOptions(PlanOptions, ExecutionOptions):
-    plan_out: Optional[str] = option(None, "where compile writes the plan (default plans/<model>-<P>gpu.json)",
+class CompileOptions(PlanOptions, ExecutionOptions, LoraOptions):
+    plan_out: Optional[str] = option(None, "where compile writes the plan (default plans/<model>-<P>gpu.json, or -lora.json with --lora_rank)",
                                      "plan")
     plan_rank: int = option(
         1, "compile: write the K-th best plan instead of the best (2 = the first runner-up), to measure the "
@@ -189,6 +245,10 @@ class CompileOptions(PlanOptions, ExecutionOptions):
     pinned: tuple = option((), "execution options given as flags", "execution", cli=False)
     compute_dtype: Optional[str] = option(
         None, "bf16 (default on GPUs) or fp32 (default for the cpu profile)", "plan", cli=False)
+    expert_load_imbalance: Optional[float] = option(
+        None, "expert-parallel plans: the busiest expert rank's routed slots over the mean rank's (>= 1; it sets the "
+              "pace of the expert GEMMs and of the all-to-all; bench/expert_imbalance.py measures it). Recorded in the "
+              "plan's search_inputs (default: the device profile's, by expert-parallel degree)", "plan")
 
     def __post_init__(self):
         for name, default in COMPILE_DEFAULTS.items():
@@ -197,8 +257,16 @@ class CompileOptions(PlanOptions, ExecutionOptions):
 
 
 @dataclass
-class RunOptions(PlanOptions, ExecutionOptions):
-    dataset_path: Optional[str] = option(None, "a dataset saved by bookcorpus.py (column input_ids)", "model")
+class RunOptions(PlanOptions, ExecutionOptions, LoraOptions):
+    dataset_path: Optional[str] = option(
+        None, "a dataset saved by bookcorpus.py (column input_ids; with --format sft also labels, -100 where a token "
+              "is no target, and position_ids, restarting at 0 at each packed example)", "model")
+    eval_dataset_path: Optional[str] = option(
+        None, "a dataset like --dataset_path (same sequence length) to evaluate on: the mean cross-entropy over its "
+              "targets (response tokens for instruction data), forward only, every --eval_every steps and after the "
+              "last step, logged as eval_loss", "model")
+    eval_every: int = option(0, "evaluate on --eval_dataset_path every N steps (0: only after the last step)",
+                             "train")
     tokenizer_path: Optional[str] = option(
         None, "directory whose tokenizer files are kept with each checkpoint, for merge_ckpt.py (default: the "
               "tokenizer files of --model_id, if it has any)", "model")
@@ -210,6 +278,12 @@ class RunOptions(PlanOptions, ExecutionOptions):
     warmup_steps: int = option(100, "linear warmup steps (counted from step 0 of the run's lineage: a resumed run "
                                     "continues the schedule at its step); on --resume_path this flag sets it",
                                "train")
+    lr_scheduler: str = option(
+        "constant", "learning rate after the warmup: constant at --lr, or a cosine or linear decay from --lr to "
+                    "--min_lr over the steps after the warmup, reaching it at --max_steps (a resumed run continues "
+                    "the schedule at its step)", "train", choices=("constant", "cosine", "linear"))
+    min_lr: float = option(0.0, "the learning rate that --lr_scheduler cosine or linear decays to, at most --lr",
+                           "train")
     seed: int = option(0, "seed of initialisation and data order", "train")
     device: str = option("cuda", "cuda (NCCL) or cpu (gloo)", "train", choices=("cuda", "cpu"))
     dtype: Optional[str] = option(
@@ -255,7 +329,7 @@ def add_flags(parser, *classes):
         group = groups[f.metadata["group"]]
         flag = f.metadata["flag"] or f"--{f.name}"
         help_text = f.metadata["help"]
-        if f.type in (bool, "bool") and f.metadata["group"] == "execution":
+        if f.type in (bool, "bool") and (f.metadata["group"] == "execution" or f.metadata["parse"] is on_off):
             # `--fused_adamw` turns it on, `--fused_adamw off` pins it off (compile would search it)
             group.add_argument(flag, dest=f.name, nargs="?", const=True, default=None, type=on_off,
                                metavar="on|off", help=help_text + " (flag alone: on)")

@@ -30,7 +30,9 @@ execution flag, run with what it chose. Every other variant's plan is compiled w
 pinned, so the prediction is for what it runs.
 Presets: `techniques` (each technique alone on top of base, then all together, then all with a
 larger micro-batch), `quick` (base and all together), `plan_vs_hand` (base, plan, all options at
-micro-batch 8 / 16 / 32) and `calibrate` (each costed option alone, then all).
+micro-batch 8 / 16 / 32) and `calibrate` (each costed option alone, the forced attention kernels, then
+all). On a CUDA device the kernel check (each attention kernel on one layer's shapes) goes into the
+JSON's `setup.attention_kernels`, which bench/fit_execution_factors.py reads.
 
 Measured per variant: median step time (the trainer's CUDA events around the whole step, from
 fetching the batch to the end of the optimizer step; host clock on a CPU), tokens/s, MFU, peak memory
@@ -83,7 +85,9 @@ PRESETS = {
     # the H200 table of bench/RESULTS.md: the compiler's own plan beside the hand-tuned options
     "plan_vs_hand": ["base", "plan", _ALL + "+micro=8", _ALL + "+micro=16", _ALL + "+micro=32"],
     # each costed option alone at the base micro-batch, then all: the profile's execution factors
-    "calibrate": ["base", "compile=layer", "ce_chunk=4096", "adamw=fused", "sync=step", _ALL],
+    # and the attention kernels beside PyTorch's own choice (the profile's `attention` throughputs)
+    "calibrate": ["base", "compile=layer", "ce_chunk=4096", "adamw=fused", "sync=step", "attention=sdpa_flash_padded",
+                  "attention=sdpa_cudnn", "attention=sdpa_efficient", _ALL],
 }
 
 
@@ -243,13 +247,15 @@ def run_variant(name, settings, args, model_id, data_path, plans, flops_token, o
     searched = settings.get("plan", False)
     micro = settings["micro"] or args.micro_batch_size
     recompute = args.recompute if settings["recompute"] == "plan" and args.recompute else settings["recompute"]
-    execution = {"compile": settings["compile"] if settings["compile"] != "none" else None,
+    execution = {"attention": settings["attention"],
+                 "compile": settings["compile"] if settings["compile"] != "none" else None,
                  "ce_chunk_tokens": settings["ce_chunk"], "fused_adamw": settings["adamw"] == "fused",
                  "defer_grad_sync": settings["sync"] == "step"}
     plan, plan_path = plans.get(micro, recompute, execution, searched, settings["dtype"])
     if searched:  # run what the plan chose: its execution (adopted by the run) and micro-batch
         micro = plan.search_inputs["micro_batch_size"]
-        execution = {"compile": "none", "ce_chunk_tokens": 0, "fused_adamw": False, "defer_grad_sync": False}
+        execution = {"attention": None, "compile": "none", "ce_chunk_tokens": 0, "fused_adamw": False,
+                     "defer_grad_sync": False}
         settings = {**settings, "attention": None, "compile": "none", "ce_chunk": 0, "adamw": "foreach",
                     "sync": "microbatch"}
     cuda = args.device == "cuda"
@@ -310,7 +316,10 @@ def cleanup(device):
 
 def attention_kernel_check(config, seq_len, batch, device):
     """Which forced SDPA kernels run MLA's head dims here, and their forward + backward time on one
-    layer's attention (a micro-benchmark beside the whole-step figures)."""
+    layer's attention (a micro-benchmark beside the whole-step figures). Returns (lines to print,
+    {kernel: {"ms", "kernel_flops", "tflops"} or {"error"}}): kernel_flops in the convention of the
+    device profiles' `attention` curves (compiler/profiles.py: causal, the kernel's own value width,
+    padded for sdpa_flash_padded and flash), which bench/fit_execution_factors.py reads."""
     from modeling.kernels import ATTENTION_BACKENDS, flash_attn_func
     H = config.num_attention_heads
     d_qk = config.qk_nope_head_dim + config.qk_rope_head_dim
@@ -318,7 +327,7 @@ def attention_kernel_check(config, seq_len, batch, device):
     g = torch.Generator(device=device).manual_seed(0)
     q, k = (torch.randn(batch, H, seq_len, d_qk, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
     v = torch.randn(batch, H, seq_len, d_v, device=device, dtype=torch.bfloat16, generator=g)
-    lines = []
+    lines, measured = [], {"batch": batch, "seq_len": seq_len, "kernels": {}}
     names = ["sdpa", "sdpa_flash_padded", "sdpa_efficient", "sdpa_cudnn"] + (["flash"] if flash_attn_func else [])
     for name in names:
         fn = ATTENTION_BACKENDS[name]
@@ -337,9 +346,14 @@ def attention_kernel_check(config, seq_len, batch, device):
             flops = attention_flops_per_token(config, seq_len) / config.num_hidden_layers * batch * seq_len
             ms = statistics.median(times)
             lines.append(f"  {name:18s} fwd+bwd {ms:7.3f} ms  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s (causal FLOPs)")
+            width = d_qk if name in ("sdpa_flash_padded", "flash") else d_v  # the kernel's value width
+            kernel_flops = 3 * batch * H * seq_len * seq_len * (d_qk + width)
+            measured["kernels"][name] = {"ms": ms, "kernel_flops": kernel_flops,
+                                         "tflops": kernel_flops / (ms * 1e-3) / 1e12}
         except Exception as e:  # noqa: BLE001 - report and go on
             lines.append(f"  {name:18s} cannot run: {str(e).splitlines()[0][:150]}")
-    return lines
+            measured["kernels"][name] = {"error": str(e).splitlines()[0][:150] if str(e) else type(e).__name__}
+    return lines, measured
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -425,7 +439,9 @@ def main(argv=None):
     init_distributed(args.device)
     if args.device == "cuda" and config.model_type == "deepseek_v2":
         print("attention kernels on one layer's MLA attention (batch = micro-batch):")
-        for line in attention_kernel_check(config, args.seq_len, args.micro_batch_size, "cuda"):
+        lines, header["attention_kernels"] = attention_kernel_check(config, args.seq_len, args.micro_batch_size,
+                                                                    "cuda")
+        for line in lines:
             print(line, flush=True)
         cleanup(args.device)
 

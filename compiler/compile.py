@@ -16,7 +16,7 @@ import torch
 from compiler.cost_model import CostModel, model_costs
 from compiler.plan import Plan, PlanError, Stage, default_plan_path, model_fingerprint, model_name_of, summarize
 from compiler.profiles import load_profile
-from compiler.execution import describe_effects, effects, pinned_options, variants
+from compiler.execution import attention_choices, describe_effects, effects, pinned_options, variants
 from compiler.search import NoPlanFits, SearchResult, divisors, explain, search
 from compiler.trace import build_traced_model, trace_training_step
 from modeling import spec
@@ -58,6 +58,13 @@ def check_options(options: CompileOptions):
         raise PlanError(f"--plan_rank must be 1 (the best plan) or more, got {options.plan_rank}")
     if options.ce_chunk_tokens < 0:
         raise PlanError(f"--ce_chunk_tokens must be 0 (plain loss) or positive, got {options.ce_chunk_tokens}")
+    if options.zero3_keep_gathered < 0:
+        raise PlanError(f"--zero3_keep_gathered must be 0 (every unit resharded) or more, got "
+                        f"{options.zero3_keep_gathered}")
+    imbalance = options.expert_load_imbalance
+    if imbalance is not None and not (isinstance(imbalance, (int, float)) and 1.0 <= imbalance < float("inf")):
+        raise PlanError(f"--expert_load_imbalance {imbalance}: give the busiest expert rank's load over the mean "
+                        "rank's, a number >= 1 (1: perfectly balanced)")
     for f in dataclasses.fields(ExecutionOptions):
         value, choices = getattr(options, f.name), f.metadata.get("choices")
         if choices and value is not None and value not in choices:
@@ -87,7 +94,7 @@ def compile_plan(options: CompileOptions):
     if dtype not in ("bf16", "fp32"):
         raise PlanError(f"compute dtype {dtype!r}: use bf16 or fp32")
     pinned = pinned_options(options.execution(), options.pinned)
-    executions = variants(options.execution(), pinned, dtype)
+    executions = None  # made with the first micro-batch's cost model, which prices the attention kernels
     micro_sizes = micro_batch_sizes(options, runtime)
     traced = spec.representative_config(config)
     _log(f"tracing the training form of {options.model_id} on the meta device ({traced.num_hidden_layers} of its "
@@ -95,13 +102,19 @@ def compile_plan(options: CompileOptions):
          f"micro-batch {', '.join(map(str, micro_sizes))})")
     replicas = runtime // options.plan_ngpus
     graphs, models, results, no_fit = {}, {}, [], None
-    meta_model = build_traced_model(traced, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    lora = options.lora_record()  # LoRA: the adapters traced over the frozen base, as the run trains them
+    meta_model = build_traced_model(traced, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, lora=lora)
     for micro in micro_sizes:
         graph = trace_training_step(meta_model, micro, options.seq_len)
-        costs = dataclasses.replace(model_costs(graph, traced), layer_kinds=spec.layer_kinds(config))
+        costs = dataclasses.replace(model_costs(graph, traced), layer_kinds=spec.layer_kinds(config), lora=lora)
         graphs[micro] = graph
         models[micro] = CostModel(costs, profile, mem_limit, runtime_replicas=replicas, dtype=dtype,
-                                  execution=options.execution())
+                                  execution=options.execution(), document_masking=options.document_masking,
+                                  expert_load_imbalance=options.expert_load_imbalance)
+        if executions is None:
+            kernels = () if "attention" in pinned else attention_choices(profile.attention,
+                                                                       models[micro].attention_cost)
+            executions = variants(options.execution(), pinned, dtype, kernels)
         try:
             results.append(search(models[micro], options.plan_ngpus, runtime, options.global_batch_size, micro,
                                   executions))
@@ -130,7 +143,7 @@ def compile_plan(options: CompileOptions):
     name = model_name_of(options.model_id)
     plan = build_plan(name, config, options, runtime, mem_limit, profile, graphs[best.micro_batch_size], result,
                       dtype, chosen_effects)
-    path = options.plan_out or default_plan_path(name, options.plan_ngpus, options.plans_dir)
+    path = options.plan_out or default_plan_path(name, options.plan_ngpus, options.plans_dir, lora=bool(lora))
     plan.save(path)
     if options.report:
         from compiler.report import write_report
@@ -221,6 +234,17 @@ def describe(scored):
     return text + (", " + ", ".join(f"{k}={v}" for k, v in chosen.items()) if chosen else "")
 
 
+def imbalance_input(options, profile):
+    """What the search priced expert parallelism's load imbalance with: the --expert_load_imbalance
+    given, else the profile's figures by expert-parallel degree, else the cost model's default."""
+    from compiler.cost_model import EP_IMBALANCE
+    if options.expert_load_imbalance is not None:
+        return float(options.expert_load_imbalance)
+    if profile.expert_load_imbalance:
+        return {str(g): f for g, f in sorted(profile.expert_load_imbalance.items())}
+    return EP_IMBALANCE
+
+
 def build_plan(name, config, options, runtime, mem_limit, profile, graph, result, dtype, execution_effects):
     """The plan document of the search's best candidate, with its runners-up, the reasons, and what
     each execution option it chose bought in the prediction."""
@@ -249,7 +273,9 @@ def build_plan(name, config, options, runtime, mem_limit, profile, graph, result
         search_inputs={"seq_len": options.seq_len, "micro_batch_size": result.best.micro_batch_size,
                        "global_batch_size": options.global_batch_size, "runtime_ngpus": runtime,
                        "device_profile": profile.name, "mem_limit_gib": mem_limit,
-                       "dtype": dtype, "device_name": profile.device_name},
+                       "dtype": dtype, "device_name": profile.device_name,
+                       "document_masking": bool(options.document_masking),
+                       "expert_load_imbalance": imbalance_input(options, profile)},
         plan_ngpus=options.plan_ngpus,
         mesh={"pp": best.pp, "dp": best.dp, "ep": best.ep, "tp": best.tp},
         stages=stages,
@@ -261,6 +287,7 @@ def build_plan(name, config, options, runtime, mem_limit, profile, graph, result
         alternatives=alternatives,
         explanation=explanation,
         execution=result.best.execution.costed(),
+        lora=options.lora_record(),
     )
 
 

@@ -1,8 +1,11 @@
 """How a step is executed, as the compiler chooses it.
 
 The search scores every candidate plan under each combination of the execution options it may
-choose (`variants`): compiled decoder layers, the chunked loss, fused AdamW, one gradient
-reduction per step. An option the user gave to compile is pinned to that value. Some combinations
+choose (`variants`): the attention kernel (among those the device profile lists and prices, less
+the ones another listed kernel beats on both time and memory: `attention_choices`), compiled
+decoder layers, the chunked loss, fused AdamW, one gradient reduction per step, and under ZeRO 3
+how many FSDP units stay gathered from forward to backward. An option the user gave to compile is
+pinned to that value. Some combinations
 cannot run (`unsupported`, the one rule the search and the runtime share); they are not scored, and
 a run asked for one is refused with the reason. `effects` says what each chosen option bought in
 the prediction, for the plan's explanation and report.
@@ -10,13 +13,16 @@ the prediction, for the plan's explanation and report.
 
 import dataclasses
 import itertools
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
-from options import ExecutionOptions
+from options import ATTENTION_KERNELS, ExecutionOptions
 
 # The chunk of positions the search tries for the chunked loss: 4096 positions of DeepSeek's
 # 102400-token vocabulary are 0.8 GB of bf16 logits at a time (bench/RESULTS.md measured it on an H100).
 LOSS_CHUNK_TOKENS = 4096
+# The FSDP units a ZeRO-3 plan may keep gathered from forward to backward (--zero3_keep_gathered): none,
+# the model's own parameters (with the head, whose backward comes first), and then 1 or 3 decoder layers.
+ZERO3_KEEP_CHOICES = (0, 1, 2, 4)
 
 
 def unsupported(execution: ExecutionOptions, pp, zero, dtype) -> Optional[str]:
@@ -25,29 +31,50 @@ def unsupported(execution: ExecutionOptions, pp, zero, dtype) -> Optional[str]:
     if execution.compile != "none" and dtype != "bf16":
         return (f"--compile {execution.compile} needs bf16 compute (torch._grouped_mm compiles only for bfloat16) "
                 f"but the compute dtype is {dtype}")
-    if execution.ce_chunk_tokens and pp > 1:
-        return (f"--ce_chunk_tokens applies to plans without pipeline stages; this one has {pp} (its last stage "
-                "computes the loss from full logits)")
-    if execution.defer_grad_sync and (pp > 1 or zero != 0):
-        return (f"--defer_grad_sync needs a plan with ZeRO 0 and no pipeline stages (this one has ZeRO {zero}, "
-                f"pp {pp}): under ZeRO 2 / 3 each rank would hold unsharded float32 gradients")
+    # (the chunked loss runs with any plan: with pipeline stages the last stage computes it inside its
+    # forward; deferred sync runs with pipeline stages too: runtime/pipeline.py ReducingStage)
+    if execution.defer_grad_sync and zero != 0:
+        return (f"--defer_grad_sync needs a plan with ZeRO 0 (this one has ZeRO {zero}): under ZeRO 2 / 3 each rank "
+                "would hold unsharded float32 gradients until the step's last micro-batch")
+    if execution.zero3_keep_gathered and (zero != 3 or pp > 1):
+        return (f"--zero3_keep_gathered {execution.zero3_keep_gathered} applies to ZeRO 3 plans without pipeline "
+                f"stages (this one has ZeRO {zero}, pp {pp}; ZeRO 2 keeps every unit gathered already)")
     return None
 
 
-def variants(given: ExecutionOptions, pinned: Iterable[str], dtype) -> List[ExecutionOptions]:
+def variants(given: ExecutionOptions, pinned: Iterable[str], dtype, attention: Iterable[str] = ()) \
+        -> List[ExecutionOptions]:
     """Every combination the search scores: each costed option not in `pinned` takes its plain value
-    or the one the search may choose; pinned ones (and the attention kernel) keep `given`'s value.
-    The plain path comes first, so that ties go to the simpler execution."""
+    or the ones the search may choose; pinned ones keep `given`'s value. attention: the kernels to
+    choose among (attention_choices; none: the attention option stays `given`'s). The plain path
+    comes first, so that ties go to the simpler execution."""
     plain = ExecutionOptions()
-    searchable = {"compile": ["none", "layer"] if dtype == "bf16" else ["none"],
+    searchable = {"attention": list(attention) or [given.attention],
+                  "compile": ["none", "layer"] if dtype == "bf16" else ["none"],
                   "ce_chunk_tokens": [0, LOSS_CHUNK_TOKENS], "fused_adamw": [False, True],
-                  "defer_grad_sync": [False, True]}
+                  "defer_grad_sync": [False, True], "zero3_keep_gathered": list(ZERO3_KEEP_CHOICES)}
     pinned = set(pinned)
     choices = {name: [getattr(given, name)] if name in pinned else values for name, values in searchable.items()}
     out = []
     for combo in itertools.product(*choices.values()):
-        out.append(dataclasses.replace(plain, attention=given.attention, **dict(zip(choices, combo))))
+        out.append(dataclasses.replace(plain, **dict(zip(choices, combo))))
     return out
+
+
+def attention_choices(kernels: Iterable[str], price: Callable[[str], tuple]) -> List[str]:
+    """The attention kernels worth searching: of `kernels` (a profile's list, in order), those that no
+    other listed kernel matches or beats on both price(kernel) = (seconds, bytes) of the model's
+    attention; of equal ones the first. PyTorch's own `sdpa` first, so a tie keeps it."""
+    kernels = sorted(kernels, key=lambda k: (k != "sdpa", ATTENTION_KERNELS.index(k)))
+    prices = {k: price(k) for k in kernels}
+    kept = []
+    for i, k in enumerate(kernels):
+        t, m = prices[k]
+        if any(prices[o][0] <= t and prices[o][1] <= m and (prices[o] != (t, m) or j < i)
+               for j, o in enumerate(kernels) if o != k):
+            continue
+        kept.append(k)
+    return kept
 
 
 def pinned_options(given: ExecutionOptions, flags_given: Iterable[str] = ()) -> List[str]:

@@ -162,6 +162,12 @@ def check_document(d, source="<plan>"):
     doc.number(inputs, "mem_limit_gib", "search_inputs", positive=True)
     if "dtype" in inputs and inputs["dtype"] not in ("bf16", "fp32"):
         doc.fail("search_inputs.dtype", f"must be \"bf16\" or \"fp32\", got {_short(inputs['dtype'])}")
+    doc.get(inputs, "document_masking", "search_inputs", "bool", required=False)
+    imbalance = inputs.get("expert_load_imbalance")
+    factors = list(imbalance.values()) if isinstance(imbalance, dict) else [imbalance]
+    if "expert_load_imbalance" in inputs and not all(_is_number(f) and f >= 1 for f in factors):
+        doc.fail("search_inputs.expert_load_imbalance", "must be a number >= 1 or an object of expert-parallel degree "
+                                                        f"-> number >= 1, got {_short(imbalance)}")
 
     ngpus = doc.count(d, "plan_ngpus", "")
     mesh = doc.get(d, "mesh", "", "object")
@@ -212,6 +218,7 @@ def check_document(d, source="<plan>"):
 
     execution = doc.get(d, "execution", "", "object", required=False) or {}
     _check_execution(doc, execution)
+    _check_lora(doc, d)
     doc.predicted(d, "", ngpus)
     alternatives = doc.get(d, "alternatives", "", "list", required=False) or []
     for i, alt in enumerate(alternatives):
@@ -247,6 +254,30 @@ def _check_execution(doc, execution):
             ok, want = True, ""
         if not ok:
             doc.fail(f"execution.{name}", f"must be {want}, got {_short(value)}")
+
+
+def _check_lora(doc, d):
+    """The optional `lora` field: {rank, alpha, dropout, targets}, each in the range the options allow."""
+    if d.get("lora") is None:
+        return
+    lora = doc.get(d, "lora", "", "object")
+    doc.count(lora, "rank", "lora")
+    doc.number(lora, "alpha", "lora", positive=True)
+    dropout = doc.number(lora, "dropout", "lora")
+    if dropout >= 1:
+        doc.fail("lora.dropout", f"must be below 1, got {_short(dropout)}")
+    targets = doc.get(lora, "targets", "lora", "list")
+    try:
+        ok = bool(targets) and all(isinstance(t, str) for t in targets) and \
+            list(spec.parse_lora_targets(targets)) == targets
+    except ValueError:
+        ok = False
+    if not ok:
+        doc.fail("lora.targets", f"must list distinct families among {list(spec.LORA_TARGETS)} in that order, got "
+                                 f"{_short(targets)}")
+    unknown = sorted(set(lora) - {"rank", "alpha", "dropout", "targets"})
+    if unknown:
+        doc.fail(f"lora.{unknown[0]}", "is not a LoRA option (rank, alpha, dropout, targets)")
 
 
 def fingerprint_sha(fields):
@@ -290,6 +321,9 @@ class Plan:
     # the runtime's speed options the prediction assumes (train.py --compile, --ce_chunk_tokens,
     # --fused_adamw, --defer_grad_sync); a run uses them unless its own flags say otherwise
     execution: Dict = field(default_factory=dict)
+    # LoRA fine-tuning (options.LoraOptions.lora_record: rank, alpha, dropout, targets), or None: the
+    # plan trains every weight. The cost model priced the frozen base; a run takes these options.
+    lora: Optional[Dict] = None
 
     # ---- derived views -----------------------------------------------------------------------
     def device_coords(self, device):
@@ -335,8 +369,8 @@ class Plan:
     def to_dict(self):
         d = asdict(self)
         order = ["version", "model", "search_inputs", "plan_ngpus", "mesh", "stages", "ops",
-                 "zero", "schedule", "execution", "predicted", "explanation", "alternatives"]
-        return {k: d[k] for k in order}
+                 "zero", "schedule", "execution", "lora", "predicted", "explanation", "alternatives"]
+        return {k: d[k] for k in order if k != "lora" or d[k] is not None}  # no `lora` field without LoRA
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -364,7 +398,8 @@ class Plan:
                    mesh=dict(d["mesh"]), stages=stages, ops=d["ops"], zero=d["zero"],
                    schedule=d["schedule"], predicted=d["predicted"],
                    alternatives=d.get("alternatives", []), explanation=d.get("explanation", ""),
-                   version=d["version"], execution=dict(d.get("execution", {})))
+                   version=d["version"], execution=dict(d.get("execution", {})),
+                   lora=dict(d["lora"]) if d.get("lora") is not None else None)
         plan.validate(source)
         plan.check_batch(source)
         return plan
@@ -510,8 +545,10 @@ class Plan:
                             "devices; use a multiple, or compile a plan whose --plan_ngpus divides it")
 
 
-def default_plan_path(model_name, plan_ngpus, plans_dir="plans"):
-    return os.path.join(plans_dir, f"{model_name}-{plan_ngpus}gpu.json")
+def default_plan_path(model_name, plan_ngpus, plans_dir="plans", lora=False):
+    """plans/<model>-<P>gpu.json, or -lora.json for a LoRA plan (which must not replace the plan that
+    trains every weight)."""
+    return os.path.join(plans_dir, f"{model_name}-{plan_ngpus}gpu{'-lora' if lora else ''}.json")
 
 
 def model_name_of(model_id):
@@ -545,5 +582,8 @@ def summarize(plan):
         f"  predicted: step {p['step_time_s']:.3f} s, MFU {100 * p.get('mfu', 0):.1f} %, peak memory "
         f"{max(p['peak_memory_gib']):.1f} GiB (limit {plan.search_inputs.get('mem_limit_gib')} GiB)",
     ]
+    if plan.lora is not None:
+        lines.insert(4, f"  lora: rank {plan.lora['rank']}, alpha {plan.lora['alpha']:g}, dropout "
+                        f"{plan.lora['dropout']:g} on {', '.join(plan.lora['targets'])}; the base weights frozen")
     return "\n".join(lines)
 

@@ -49,6 +49,24 @@ otherwise, so every profile has a bf16 curve (the CPU profile also has fp32, whi
 faster). A collective entry may carry an optional ``"points"`` list of ``[bytes, bus GB/s]``
 pairs, the raw measurements behind it; the model below does not use them.
 
+Optional fields (absent: the cost model assumes what the comment says):
+
+    "attention": {                            # per attention option (options.ExecutionOptions.attention):
+      "kernels": {                            # [kernel FLOPs of one call, TFLOP/s] points, forward + backward
+        "sdpa": [[5.15e11, 286.0]], ...       # (the FLOPs convention is below); a kernel not listed cannot
+      },                                      # be chosen (no attention at all: the GEMM curve prices it)
+      "sdpa_picks": "cudnn",                  # what PyTorch's own choice runs for causal MLA heads here (a note)
+      "masked": "sdpa_efficient"              # the kernel SDPA runs with an explicit (block-causal) mask
+    },
+    "host_sync_us": 30.0,                     # a device-to-host copy that waits for the stream (absent: 0)
+    "expert_load_imbalance": {"2": 1.1, ...}  # busiest / mean expert rank's slots, by ep (absent: 1.0)
+
+An attention curve's x is the FLOPs one forward and backward call computes with causal skipping, the
+benchmark's convention (bench/train_step.py): 3 x B x H x S^2 x (d_qk + d_v), as a causal query sees
+S / 2 keys, q.k costs 2 d_qk and p.v 2 d_v FLOPs per key, and the backward twice the forward; d_v is
+the kernel's own value width (padded to d_qk by sdpa_flash_padded and flash on MLA's heads). With an
+explicit mask nothing is skipped: twice those FLOPs, at the `masked` kernel's throughput.
+
 ``sources`` needs an entry for each number-bearing field (``memory_gib``, ``peak_bf16_tflops``,
 ``kernel_launch_us``, ``memory_bandwidth_gbps``, ``matmul``, ``grouped_gemm``, ``collectives``);
 more keys may be added: ``"profile"`` (the whole file: e.g. a placeholder), or a finer one such as
@@ -187,6 +205,13 @@ class DeviceProfile:
     # Measured effects of the runtime's speed options, as factors on what the eager trace predicts
     # (see EXECUTION_FACTORS); absent: 1.0, no effect assumed.
     execution: Dict[str, float] = field(default_factory=dict)
+    # attention option -> [kernel FLOPs of one fwd+bwd call, TFLOP/s] (see the module doc); empty: the
+    # trace's kernel priced by the GEMM curve, and no attention choice for the search
+    attention: Dict[str, Curve] = field(default_factory=dict)
+    attention_masked: str = ""            # the listed kernel that prices SDPA with an explicit mask
+    attention_sdpa_picks: str = ""        # what the plain `sdpa` runs here (documentation)
+    host_sync_us: float = 0.0             # a device-to-host copy that waits for the stream
+    expert_load_imbalance: Dict[int, float] = field(default_factory=dict)  # ep -> busiest / mean rank
     origin: str = field(default="<dict>", compare=False)  # the file it was read from, for messages
 
     # ----------------------------------------------------------------- compute
@@ -281,10 +306,38 @@ class DeviceProfile:
                             for op, table in self.collectives.items()},
             "sources": self.sources,
             **({"execution": dict(self.execution)} if self.execution else {}),
+            **({"attention": {"kernels": {k: c.to_json() for k, c in self.attention.items()},
+                              **({"sdpa_picks": self.attention_sdpa_picks} if self.attention_sdpa_picks else {}),
+                              **({"masked": self.attention_masked} if self.attention_masked else {})}}
+               if self.attention else {}),
+            **({"host_sync_us": self.host_sync_us} if self.host_sync_us else {}),
+            **({"expert_load_imbalance": {str(g): f for g, f in sorted(self.expert_load_imbalance.items())}}
+               if self.expert_load_imbalance else {}),
         }
 
     def execution_factor(self, name: str) -> float:
         return float(self.execution.get(name, 1.0))
+
+    def attention_time(self, kernel: str, kernel_flops: float) -> float:
+        """Seconds of one attention kernel call, forward and backward, that computes `kernel_flops`
+        (the module doc's convention), at the throughput listed for `kernel`, plus its two launches."""
+        if kernel not in self.attention:
+            raise ProfileError(f"device profile '{self.name}' ({self.origin}) lists no attention kernel {kernel!r} "
+                               f"(it lists {', '.join(self.attention) or 'none'}); measure it with "
+                               "bench/train_step.py and bench/fit_execution_factors.py")
+        if kernel_flops <= 0:
+            return 0.0
+        return kernel_flops / (self.attention[kernel](kernel_flops) * 1e12) + 2 * self.launch_s
+
+    def load_imbalance(self, ep: int) -> float:
+        """The busiest expert rank's routed slots over the mean rank's for an expert-parallel group of
+        `ep` ranks: the figure measured for that size, else for the nearest larger one measured (more
+        ranks are less balanced), else the largest; 1.0 without expert parallelism or figures."""
+        if ep <= 1 or not self.expert_load_imbalance:
+            return 1.0
+        sizes = sorted(self.expert_load_imbalance)
+        larger = [g for g in sizes if g >= ep]
+        return self.expert_load_imbalance[larger[0] if larger else sizes[-1]]
 
     @classmethod
     def from_json(cls, doc: Any, origin: str = "<dict>") -> "DeviceProfile":
@@ -445,8 +498,53 @@ class _Parser:
             kernel_launch_us=self.non_negative(self.get(doc, "kernel_launch_us"), "kernel_launch_us"),
             sources=self.sources(self.get(doc, "sources")),
             execution=self.execution(doc.get("execution", {})),
+            **self.attention(doc.get("attention"), doc.get("sources", {})),
+            host_sync_us=self.non_negative(doc.get("host_sync_us", 0.0), "host_sync_us"),
+            expert_load_imbalance=self.imbalance(doc.get("expert_load_imbalance", {})),
             origin=self.origin,
         )
+
+    def attention(self, doc: Any, sources: Dict[str, Any]) -> Dict[str, Any]:
+        """The optional `attention` object: kernel curves keyed by attention option, the masked kernel."""
+        if doc is None:
+            return {}
+        from options import ATTENTION_KERNELS  # the option's choices: a profile names only kernels a run has
+        if not isinstance(doc, dict) or not isinstance(doc.get("kernels"), dict) or not doc["kernels"]:
+            raise self.fail("attention", "must be an object {\"kernels\": {option: curve, ...}, \"masked\": option}")
+        unknown = sorted(set(doc) - {"kernels", "masked", "sdpa_picks"})
+        if unknown:
+            raise self.fail(f"attention.{unknown[0]}", "is not a field of attention (kernels, masked, sdpa_picks)")
+        if "attention" not in sources:
+            raise self.fail("sources.attention", "is missing: say where the attention throughputs came from")
+        kernels = {}
+        for name, curve in doc["kernels"].items():
+            if name not in ATTENTION_KERNELS:
+                raise self.fail(f"attention.kernels.{name}",
+                                f"is not an attention option; use {', '.join(ATTENTION_KERNELS)}")
+            kernels[name] = self.curve(curve, f"attention.kernels.{name}")
+        masked = doc.get("masked", "")
+        if masked and masked not in kernels:
+            raise self.fail("attention.masked", f"names {masked!r}, which attention.kernels does not list")
+        picks = doc.get("sdpa_picks", "")
+        if picks:
+            self.string(picks, "attention.sdpa_picks")
+        return {"attention": kernels, "attention_masked": masked, "attention_sdpa_picks": picks}
+
+    def imbalance(self, doc: Any) -> Dict[int, float]:
+        if not isinstance(doc, dict):
+            raise self.fail("expert_load_imbalance", "must be an object mapping an expert-parallel degree to a factor")
+        out = {}
+        for size, value in doc.items():
+            try:
+                g = int(size)
+            except ValueError:
+                raise self.fail(f"expert_load_imbalance.{size}", "must be keyed by a group size >= 2") from None
+            factor = self.positive(value, f"expert_load_imbalance.{size}")
+            if g < 2 or factor < 1.0:
+                raise self.fail(f"expert_load_imbalance.{size}", "must be keyed by a group size >= 2, with a factor "
+                                "of at least 1 (the busiest rank over the mean rank)")
+            out[g] = factor
+        return out
 
     def execution(self, doc: Any) -> Dict[str, float]:
         if not isinstance(doc, dict):

@@ -48,7 +48,9 @@ class Scored:
         simpler = complexity(self.execution) if self.execution is not None else 0
         return (round(self.prediction.step_time_s, 9), round(self.prediction.max_peak_gib, 6), simpler, c.pp, c.tp,
                 c.ep, c.zero, c.zero_over_replicas, c.schedule, c.splits, c.recompute,
-                dataclasses.astuple(self.execution) if self.execution is not None else (), self.micro_batch_size or 0)
+                # (an unset option, None, sorts first: tuples holding None and a string do not compare)
+                tuple("" if v is None else v for v in dataclasses.astuple(self.execution))
+                if self.execution is not None else (), self.micro_batch_size or 0)
 
 
 @dataclass
@@ -109,6 +111,8 @@ def search(model: CostModel, plan_ngpus, runtime_ngpus, global_batch_size, micro
     considered = 0
     refusals = set()  # why the runtime could not execute a candidate under any of the executions
     for pp, dp, ep, tp in mesh_shapes(plan_ngpus, num_layers, costs.num_heads, costs.num_experts, has_moe):
+        if tp > 1 and costs.lora and costs.lora["dropout"] > 0:
+            continue  # LoRA dropout under tensor parallelism: the ranks' masks of one input would differ
         data_parallel = dp * ep * replicas
         if global_batch_size % (micro_batch_size * data_parallel):
             continue

@@ -47,6 +47,8 @@ class OpRecord:
     flops: float
     bytes: float
     annotation: Optional[str] = None
+    # a forward GEMM whose weight is frozen (LoRA's base): its weight gradient is never computed
+    frozen_weight: bool = False
 
 
 @dataclass
@@ -60,6 +62,8 @@ class OpGraph:
     dtype: torch.dtype
     trace_seconds: float = 0.0
     param_counts: Dict[Tuple[Optional[int], str], int] = field(default_factory=dict)
+    # the parameters that train (all of them, or a LoRA run's adapters), keyed the same way
+    trainable_counts: Dict[Tuple[Optional[int], str], int] = field(default_factory=dict)
 
     def total_flops(self, phase=None):
         return sum(op.flops for op in self.ops if phase is None or op.phase == phase)
@@ -107,13 +111,21 @@ def grouped_mm_flops(a_shape, b_shape, out_shape):
     return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1] * (a_shape[0] if len(a_shape) == 3 else 1)
 
 
+# Ops whose output carries its input's values (a view, a cast, a copy): a GEMM reading such an output
+# of a frozen parameter multiplies by that frozen weight.
+_VALUE_PRESERVING_OPS = _VIEW_OPS | {"aten._to_copy", "aten.clone", "aten.contiguous", "aten.copy"}
+
+
 class _Recorder(TorchDispatchMode):
-    def __init__(self, path_stack):
+    def __init__(self, path_stack, frozen_params=()):
         super().__init__()
         self.path_stack = path_stack
         self.phase = "fwd"
         self.last_backward_path = ""
         self.ops: List[OpRecord] = []
+        # id -> tensor of the frozen parameters and what the forward derives from them by views and casts
+        # (holding them keeps their ids from being reused; on the meta device they cost nothing)
+        self.frozen = {id(p): p for p in frozen_params}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -154,8 +166,14 @@ class _Recorder(TorchDispatchMode):
                 op_in = [_shape(a) if isinstance(a, torch.Tensor) else None for a in args]
                 check_shapes(registered, op_in, out_shapes, qualname)
                 annotation = registered.text
+        frozen_weight = False
+        if self.frozen and self.phase == "fwd":
+            reads_frozen = any(isinstance(a, torch.Tensor) and id(a) in self.frozen for a in flat_in)
+            if reads_frozen and name in _VALUE_PRESERVING_OPS:
+                self.frozen.update((id(o), o) for o in flat_out if isinstance(o, torch.Tensor))
+            frozen_weight = reads_frozen and flops > 0
         self.ops.append(OpRecord(name, self.phase, path, spec.layer_of_path(path), spec.family_of_path(path),
-                                 in_shapes, out_shapes, float(flops), float(moved), annotation))
+                                 in_shapes, out_shapes, float(flops), float(moved), annotation, frozen_weight))
         return out
 
 
@@ -190,7 +208,7 @@ def trace_training_step(model, batch_size, seq_len):
     # meta device holding them costs nothing, and the forward holds them until the backward anyway.
     seen_saved: Dict[int, torch.Tensor] = {}
     params = {id(p) for p in model.parameters()}
-    recorder = _Recorder(path_stack)
+    recorder = _Recorder(path_stack, [p for p in model.parameters() if not p.requires_grad])
     handles = []
     for path, module in model.named_modules():
         def pre_hook(mod, inputs, path=path):
@@ -221,11 +239,14 @@ def trace_training_step(model, batch_size, seq_len):
         for h in handles:
             h.remove()
         seen_saved.clear()
-    param_counts = defaultdict(int)
+    param_counts, trainable_counts = defaultdict(int), defaultdict(int)
     for name, p in model.named_parameters():
-        param_counts[(spec.layer_of_path(name), spec.family_of_path(name))] += p.numel()
+        key = (spec.layer_of_path(name), spec.family_of_path(name))
+        param_counts[key] += p.numel()
+        trainable_counts[key] += p.numel() if p.requires_grad else 0
     return OpGraph(ops=recorder.ops, saved_bytes=dict(saved), batch_size=batch_size, seq_len=seq_len,
-                   dtype=dtype, trace_seconds=time.perf_counter() - started, param_counts=dict(param_counts))
+                   dtype=dtype, trace_seconds=time.perf_counter() - started, param_counts=dict(param_counts),
+                   trainable_counts=dict(trainable_counts))
 
 
 def efficient_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
@@ -236,9 +257,13 @@ def efficient_attention(query, key, value, padding_mask, softmax_scale, dropout_
         query, key, value, None, True, 0.0, True, scale=softmax_scale)[0]
 
 
-def build_traced_model(config, dtype=torch.bfloat16):
+def build_traced_model(config, dtype=torch.bfloat16, lora=None):
     """The training form of `config` on the meta device, ready to trace: SDPA attention, with the
-    memory-efficient kernel a GPU runs (`efficient_attention`)."""
+    memory-efficient kernel a GPU runs (`efficient_attention`). lora: a plan's LoRA record (rank,
+    alpha, dropout, targets): the adapters added and the base frozen, as the run trains it, so that
+    the backward has no weight gradient for the frozen weights (autograd skips those GEMMs)."""
     model = spec.build_training_model(config, device="meta", dtype=dtype, attention="sdpa")
     spec.set_attention_kernel(model, efficient_attention)
+    if lora is not None:
+        spec.apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
     return model

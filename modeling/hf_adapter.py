@@ -14,6 +14,10 @@ state dicts with it (bitwise: only stacking and slicing); `WeightReader` reads a
 directory (safetensors, sharded with an index, or `pytorch_model*.bin` read with
 `torch.load(weights_only=True)`) one tensor at a time, stacking experts as they are read. Loading a
 model, the runtime's per-rank materialisation and `merge_ckpt.py` all go through this module.
+
+LoRA adapters are mapped here too: the training form's adapter names (stacked for the experts)
+<-> the keys of a PEFT adapter file (`lora_training_source`, `lora_peft_sources`, `lora_to_peft`,
+`lora_from_peft`, `lora_modules`; see the section below).
 """
 
 import os
@@ -106,6 +110,134 @@ def to_hf(state_dict, num_experts):
             raise ValueError(f"{key}: first dim {value.shape[0]} != n_routed_experts {num_experts}")
         for hf_name, index in sources:
             out[hf_name] = value[index].clone()
+    return out
+
+
+# ---- LoRA adapters: training form <-> PEFT ----------------------------------------------------------------
+# The training form names the adapters of an adapted nn.Linear after its module (`<module>.lora_A`
+# [r, in_features], `<module>.lora_B` [out_features, r]) and stacks the routed experts' adapters the
+# way it stacks their weights:
+#     <layer>.mlp.experts.lora_A_gate_up_E2RD [E, 2, r, D]   [i, 0] = expert i's gate_proj lora_A, [i, 1] its up_proj's
+#     <layer>.mlp.experts.lora_B_gate_up_E2FR [E, 2, F, r]
+#     <layer>.mlp.experts.lora_A_down_ERF     [E, r, F]
+#     <layer>.mlp.experts.lora_B_down_EDR     [E, D, r]
+# PEFT keeps one pair per adapted nn.Linear of the Hugging Face model, under the names
+# PeftModel.save_pretrained writes (`base_model.model.<module>.lora_A.weight`, the adapter name left
+# out). Non-expert module paths are the same in both forms.
+PEFT_PREFIX = "base_model.model."
+LORA_A_GATE_UP, LORA_B_GATE_UP = "lora_A_gate_up_E2RD", "lora_B_gate_up_E2FR"
+LORA_A_DOWN, LORA_B_DOWN = "lora_A_down_ERF", "lora_B_down_EDR"
+_LORA_STACKED = re.compile(rf"^(?P<experts>.*\.mlp\.experts)\."
+                           rf"(?P<name>{LORA_A_GATE_UP}|{LORA_B_GATE_UP}|{LORA_A_DOWN}|{LORA_B_DOWN})$")
+_LORA_LINEAR = re.compile(r"^(?P<module>.+)\.(?P<half>lora_A|lora_B)$")
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<half>lora_A|lora_B)\.weight$")
+_HF_EXPERT_MODULE = re.compile(r"^(?P<experts>.*\.mlp\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+# where expert i's adapter of each (projection, half) sits in its stacked tensor (pair None: [i] itself)
+_LORA_SLOT = {("gate_proj", "lora_A"): (LORA_A_GATE_UP, 0), ("up_proj", "lora_A"): (LORA_A_GATE_UP, 1),
+              ("gate_proj", "lora_B"): (LORA_B_GATE_UP, 0), ("up_proj", "lora_B"): (LORA_B_GATE_UP, 1),
+              ("down_proj", "lora_A"): (LORA_A_DOWN, None), ("down_proj", "lora_B"): (LORA_B_DOWN, None)}
+
+
+def is_lora_name(training_name):
+    """True for a training-form adapter tensor (a Linear's `.lora_A` / `.lora_B`, or a stacked one)."""
+    return bool(_LORA_STACKED.match(training_name) or _LORA_LINEAR.match(training_name))
+
+
+def peft_key(hf_module, half):
+    """The PEFT name of adapter `half` ("lora_A" or "lora_B") of Hugging Face module `hf_module`."""
+    return f"{PEFT_PREFIX}{hf_module}.{half}.weight"
+
+
+def lora_training_source(key):
+    """(training-form adapter name, index into it) holding the PEFT tensor `key`."""
+    match = _PEFT_KEY.match(key)
+    if match is None:
+        raise ValueError(f"{key} is not a PEFT LoRA key (base_model.model.<module>.lora_A.weight or .lora_B.weight)")
+    module, half = match["module"], match["half"]
+    expert = _HF_EXPERT_MODULE.match(module)
+    if expert is None:
+        return f"{module}.{half}", ()
+    stacked, pair = _LORA_SLOT[(expert["proj"], half)]
+    index = int(expert["index"])
+    return f"{expert['experts']}.{stacked}", (index,) if pair is None else (index, pair)
+
+
+def lora_peft_sources(training_name, num_experts):
+    """The inverse: [(PEFT key, index into the training tensor)] that make up adapter `training_name`
+    (one entry, index (), for a plain Linear's adapter)."""
+    match = _LORA_STACKED.match(training_name)
+    if match is None:
+        linear = _LORA_LINEAR.match(training_name)
+        if linear is None:
+            raise ValueError(f"{training_name} is not a LoRA adapter of the training form")
+        return [(peft_key(linear["module"], linear["half"]), ())]
+    out = []
+    for expert in range(num_experts):
+        for (proj, half), (stacked, pair) in _LORA_SLOT.items():
+            if stacked == match["name"]:
+                out.append((peft_key(f"{match['experts']}.{expert}.{proj}", half),
+                            (expert,) if pair is None else (expert, pair)))
+    return out
+
+
+def lora_module_sources(hf_module):
+    """((lora_A's training name, index), (lora_B's training name, index)) of Hugging Face module
+    `hf_module`: what merging `W + scaling * B @ A` into `<hf_module>.weight` reads."""
+    return lora_training_source(peft_key(hf_module, "lora_A")), lora_training_source(peft_key(hf_module, "lora_B"))
+
+
+def _natural_key(name):
+    """Sorts model.layers.2 before model.layers.10 (and expert 2 before expert 10)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+
+
+def lora_modules(training_names, num_experts):
+    """The Hugging Face modules (nn.Linear names) that the adapters `training_names` adapt, in model order."""
+    modules = set()
+    for name in training_names:
+        for key, _ in lora_peft_sources(name, num_experts):
+            modules.add(_PEFT_KEY.match(key)["module"])
+    return sorted(modules, key=_natural_key)
+
+
+def lora_to_peft(state_dict, num_experts):
+    """Training-form adapters -> PEFT keys, the stacked expert adapters split per expert (copies, so
+    that each tensor owns its memory, as safetensors requires)."""
+    out = {}
+    for name, value in state_dict.items():
+        sources = lora_peft_sources(name, num_experts)
+        if sources[0][1] == ():
+            out[sources[0][0]] = value
+            continue
+        if value.shape[0] != num_experts:
+            raise ValueError(f"{name}: first dim {value.shape[0]} != n_routed_experts {num_experts}")
+        for key, index in sources:
+            out[key] = value[index].clone()
+    return out
+
+
+def lora_from_peft(state_dict, num_experts):
+    """PEFT keys -> training-form adapters, the experts' adapters stacked. A layer whose experts'
+    adapters are incomplete is named with the first missing one."""
+    out, pieces = {}, {}
+    for key, value in state_dict.items():
+        name, index = lora_training_source(key)
+        if index == ():
+            out[name] = value
+        else:
+            pieces.setdefault(name, {})[index] = value
+    for name, parts in sorted(pieces.items()):
+        sources = lora_peft_sources(name, num_experts)
+        missing = [key for key, index in sources if index not in parts]
+        extra = sorted(set(parts) - {index for _, index in sources})
+        if missing or extra:
+            first = missing[0] if missing else f"expert {extra[0][0]} (beyond n_routed_experts {num_experts})"
+            raise WeightsError(f"{name}: adapter {first} missing or unexpected; a layer needs the adapters of all "
+                               f"{num_experts} experts (n_routed_experts)")
+        if len(sources[0][1]) == 1:
+            out[name] = torch.stack([parts[(e,)] for e in range(num_experts)])
+        else:
+            out[name] = torch.stack([torch.stack([parts[(e, 0)], parts[(e, 1)]]) for e in range(num_experts)])
     return out
 
 

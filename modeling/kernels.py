@@ -15,12 +15,17 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .modeling_deepseek import causal_attention_mask, eager_attention
+from .modeling_deepseek import AttentionMask, attention_allowed, eager_attention
 
 try:  # optional accelerator
     from flash_attn import flash_attn_func
 except Exception:  # noqa: BLE001
     flash_attn_func = None
+
+try:  # its variable-length form (packed documents), in flash-attn 2
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # noqa: BLE001
+    flash_attn_varlen_func = None
 
 try:  # optional CUDA kernel package (https://github.com/fanshiqing/grouped_gemm)
     import grouped_gemm as _grouped_gemm_pkg
@@ -289,53 +294,178 @@ def grouped_swiglu(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2FD, d
 # ----------------------------------------------------------------------------------------------
 # Attention backends
 # ----------------------------------------------------------------------------------------------
-def sdpa_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
-    """scaled_dot_product_attention; causal without a padding mask, else an explicit boolean mask."""
+# ---- packed documents: regrouped into a batch of documents ---------------------------------------
+# A packed row holds several documents and attention must not cross them. An explicit S x S mask would
+# do it, but it computes every score of the row and rules out the fast causal kernels (cuDNN, flash;
+# on an H200 SDPA's masked path is 5x slower than its causal cuDNN kernel at MLA's head sizes, and all
+# S x S scores of a 1024-token row are 4x the work of short documents'). Instead the documents are
+# regrouped: each document is copied (gathered) into a window of its own, the windows of one width
+# form a batch, the plain causal kernel runs on each batch, and the outputs are gathered back in
+# token order. A document of length L sits in a window of the next power of two >= L (at least
+# DOCUMENT_MIN_WINDOW), so the work is at most about twice the documents' own and a handful of kernel
+# calls cover any mix of lengths (the number of windows of a width is rounded up to a power of two
+# with empty ones, so that the kernels see few shapes). Exact, not an approximation: a window's padding comes after its
+# document, so causality alone hides it from the document's queries, and the padding queries' outputs
+# are dropped (their zero output gradients give the padding keys zero gradient).
+DOCUMENT_MIN_WINDOW = 16
+
+
+class _Gather(torch.autograd.Function):
+    """rows_out = rows_in[index], whose backward is a gather too: grad_in = [grad_out; 0][back_index].
+    For a regrouping in which every input row is read by exactly one slot whose gradient matters (the
+    others' gradients are zero), this is exact and avoids index_select's atomic index_add backward
+    (which cost a third of a packed LoRA step on an H200)."""
+
+    @staticmethod
+    def forward(ctx, rows_in, index, back_index):
+        ctx.save_for_backward(back_index)
+        return rows_in.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (back_index,) = ctx.saved_tensors
+        padded = torch.cat([grad_out, grad_out.new_zeros((1,) + grad_out.shape[1:])])
+        return padded.index_select(0, back_index), None, None
+
+
+def _document_groups(mask, total_tokens, device):
+    """The regrouping of a forward's packed documents, built once (one wait for the device, to read the
+    document lengths) and kept on the mask so that every layer reuses it:
+    (windows [(slot offset, n, W)] per window width W, slot_token [slots]: the token each window slot
+    reads (padding slots: their document's first token), token_slot [tokens]: each token's slot,
+    slot_source [slots]: a slot's token, or `tokens` (a zero row) for padding)."""
+    cached = mask.kernel_cache.get("document_groups")
+    if cached is not None:
+        return cached
+    cu_seqlens, _ = mask.packed_sequences()
+    bounds = cu_seqlens.tolist()
+    by_width = {}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        width = max(DOCUMENT_MIN_WINDOW, 1 << (end - start - 1).bit_length())
+        by_width.setdefault(width, []).append((start, end - start))
+    windows, slot_token, slot_source, offset = [], [], [], 0
+    for width, docs in sorted(by_width.items()):
+        # the window count rounded up to a power of two with empty windows (start 0, length 0): the
+        # kernels see few distinct shapes, so cuDNN's per-shape plans are built once, not every step
+        docs = docs + [(0, 0)] * ((1 << (len(docs) - 1).bit_length()) - len(docs))
+        starts = torch.tensor([s for s, _ in docs]).unsqueeze(1)
+        lengths = torch.tensor([n for _, n in docs]).unsqueeze(1)
+        offsets = torch.arange(width).unsqueeze(0)
+        real = offsets < lengths                                   # [n, W]
+        tokens = starts + offsets
+        slot_token.append(torch.where(real, tokens, starts).reshape(-1))
+        slot_source.append(torch.where(real, tokens, total_tokens).reshape(-1))
+        windows.append((offset, len(docs), width))
+        offset += len(docs) * width
+    slot_token, slot_source = torch.cat(slot_token), torch.cat(slot_source)
+    real_slots = torch.nonzero(slot_source < total_tokens).squeeze(1)
+    token_slot = torch.empty(total_tokens, dtype=torch.long)
+    token_slot[slot_source[real_slots]] = real_slots
+    cached = (windows, slot_token.to(device), token_slot.to(device), slot_source.to(device))
+    mask.kernel_cache["document_groups"] = cached
+    return cached
+
+
+@torch.compiler.disable  # data-dependent shapes: compiled layers run it eagerly (a graph break)
+def attention_by_document(causal, query, key, value, mask, softmax_scale, dropout_p):
+    """Block-causal attention of packed documents (`mask.document_ids_BS`, no padding mask) through a
+    causal kernel `causal(q, k, v, softmax_scale, dropout_p)` on [n, H, W, d] batches of documents
+    (see DOCUMENT_MIN_WINDOW's comment). q/k/v [B, H, S, d] -> [B, H, S, d_v]. Tokens go to window
+    slots and back by gathers in both directions (_Gather): the padding slots' gradients are zero
+    (their outputs are dropped, and causality hides them from the documents' queries)."""
+    B, H, S, _ = query.shape
+    windows, slot_token, token_slot, slot_source = _document_groups(mask, B * S, query.device)
+    q, k, v = (_Gather.apply(t.transpose(1, 2).reshape(B * S, H, t.shape[-1]), slot_token, token_slot)
+               for t in (query, key, value))
+    outs = []
+    for offset, n, width in windows:
+        qd, kd, vd = (t[offset:offset + n * width].view(n, width, H, t.shape[-1]).transpose(1, 2) for t in (q, k, v))
+        out = causal(qd, kd, vd, softmax_scale, dropout_p)
+        outs.append(out.transpose(1, 2).reshape(n * width, H, out.shape[-1]))
+    out = _Gather.apply(torch.cat(outs), token_slot, slot_source)
+    return out.view(B, S, H, -1).transpose(1, 2)
+
+
+def _documents_only(mask):
+    return isinstance(mask, AttentionMask) and mask.key_padding_BS is None and mask.document_ids_BS is not None
+
+
+def _sdpa_causal(query, key, value, softmax_scale, dropout_p):
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True, scale=softmax_scale)
+
+
+def sdpa_attention(query, key, value, mask, softmax_scale, dropout_p, training):
+    """scaled_dot_product_attention; causal without a mask; packed documents regrouped for the causal
+    kernel (attention_by_document); with a padding mask an explicit boolean mask (padded keys, and
+    other documents' keys, hidden: modeling_deepseek.attention_allowed), which computes all S x S
+    scores: the causal kernels' skipping of the upper triangle is lost."""
     dropout_p = dropout_p if training else 0.0
-    if padding_mask is None:
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True,
-                                              scale=softmax_scale)
+    if mask is None:
+        return _sdpa_causal(query, key, value, softmax_scale, dropout_p)
+    if _documents_only(mask):
+        return attention_by_document(_sdpa_causal, query, key, value, mask, softmax_scale, dropout_p)
     B, _, S, _ = query.shape
-    allowed = causal_attention_mask(padding_mask, B, S, query.dtype, query.device) == 0
+    allowed = attention_allowed(mask, B, S, query.device)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout_p,
                                           scale=softmax_scale)
 
 
-def flash_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
-    """flash-attn (bf16/fp16 on CUDA, causal, no padding). MLA's value head (128) is narrower than
-    its query/key head (192): values are zero-padded to the query width and the result sliced."""
-    if padding_mask is not None or query.dtype not in (torch.float16, torch.bfloat16) or not query.is_cuda:
-        return sdpa_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training)
+def flash_attention(query, key, value, mask, softmax_scale, dropout_p, training):
+    """flash-attn (bf16/fp16 on CUDA, causal). MLA's value head (128) is narrower than its query/key
+    head (192): values are zero-padded to the query width and the result sliced. Packed documents
+    (an AttentionMask with document ids and no padding) run flash-attn's varlen kernel, each
+    document one causal sequence of the flattened B * S tokens, so no S x S mask is ever built;
+    a padding mask, or inputs flash-attn cannot take, go to the masked sdpa path."""
+    documents_only = mask is None or (isinstance(mask, AttentionMask) and mask.key_padding_BS is None
+                                      and flash_attn_varlen_func is not None)
+    if not documents_only or query.dtype not in (torch.float16, torch.bfloat16) or not query.is_cuda:
+        return sdpa_attention(query, key, value, mask, softmax_scale, dropout_p, training)
     v_dim = value.shape[-1]
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash-attn wants [B, S, H, d]
     if v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
-    out = flash_attn_func(q, k, v, dropout_p=dropout_p if training else 0.0, softmax_scale=softmax_scale,
-                          causal=True)
+    dropout_p = dropout_p if training else 0.0
+    if mask is None:
+        out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=True)
+    else:
+        B, S, H, _ = q.shape
+        cu_seqlens, max_seqlen = mask.packed_sequences()
+        q, k, v = (t.reshape(B * S, H, t.shape[-1]) for t in (q, k, v))  # [total tokens, H, d]
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout_p,
+                                     softmax_scale=softmax_scale, causal=True).view(B, S, H, -1)
     return out[..., :v_dim].transpose(1, 2)
 
 
 def _sdpa_forced(backend, pad_value=False):
-    """scaled_dot_product_attention restricted to one kernel (causal, no padding mask; with a padding
-    mask the plain sdpa path runs). PyTorch's automatic choice can be a slower kernel than the best
-    eligible one, and MLA's value head (128) narrower than its query/key head (192) rules out its
-    flash kernel; with pad_value the values are zero-padded to the query width (the padded output
-    columns are zero and sliced off), which makes flash eligible at the price of a wider P.V
-    product. A kernel that cannot run these inputs raises (PyTorch's warnings say why): nothing
-    falls back silently to another kernel."""
+    """scaled_dot_product_attention restricted to one kernel (causal, no mask). PyTorch's automatic
+    choice can be a slower kernel than the best eligible one, and MLA's value head (128) narrower
+    than its query/key head (192) rules out its flash kernel; with pad_value the values are
+    zero-padded to the query width (the padded output columns are zero and sliced off), which makes
+    flash eligible at the price of a wider P.V product. A kernel that cannot run these inputs raises
+    (PyTorch's warnings say why): nothing falls back silently to another kernel.
+
+    Packed documents run the forced kernel on the documents regrouped (attention_by_document: exact).
+    With a padding mask the math is not changed to fit the kernel: the plain masked sdpa path runs
+    instead (PyTorch's choice among the kernels that take an explicit mask)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     kernel = getattr(SDPBackend, backend)
 
-    def attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
-        if padding_mask is not None:
-            return sdpa_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training)
+    def causal(query, key, value, softmax_scale, dropout_p):
         v_dim = value.shape[-1]
         if pad_value and v_dim < query.shape[-1]:
             value = F.pad(value, (0, query.shape[-1] - v_dim))
         with sdpa_kernel([kernel]):
-            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p if training else 0.0,
-                                                 is_causal=True, scale=softmax_scale)
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True,
+                                                 scale=softmax_scale)
         return out[..., :v_dim] if out.shape[-1] != v_dim else out
+
+    def attention(query, key, value, mask, softmax_scale, dropout_p, training):
+        dropout_p = dropout_p if training else 0.0
+        if mask is None:
+            return causal(query, key, value, softmax_scale, dropout_p)
+        if _documents_only(mask):
+            return attention_by_document(causal, query, key, value, mask, softmax_scale, dropout_p)
+        return sdpa_attention(query, key, value, mask, softmax_scale, dropout_p, training)
 
     attention.__name__ = f"sdpa_{backend.lower()}" + ("_padded" if pad_value else "")
     return attention
@@ -354,3 +484,81 @@ ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash":
 
 def default_attention_backend():
     return "flash" if flash_attn_func is not None else "sdpa"
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters of the routed experts (modeling/lora.py), by grouped GEMM
+# ----------------------------------------------------------------------------------------------
+# torch._grouped_mm wants every row stride a multiple of 16 bytes (its CUDA kernel, and the meta
+# kernel the compiler traces with): in bf16 a rank that is a multiple of 8.
+LORA_RANK_ALIGN = 8
+
+
+def _pad_rank(r, a_gate_up_E2RD, b_gate_up_E2FR, a_down_ERF, b_down_EDR):
+    """The stacked adapters with their rank dim zero-padded from r to a multiple of LORA_RANK_ALIGN."""
+    pad = -r % LORA_RANK_ALIGN
+    return (F.pad(a_gate_up_E2RD, (0, 0, 0, pad)), F.pad(b_gate_up_E2FR, (0, pad)),
+            F.pad(a_down_ERF, (0, 0, 0, pad)), F.pad(b_down_EDR, (0, pad)))
+
+
+def _lora_rows(x_ND, dropout_p):
+    """The adapters' input: x, or x with dropout (training with a LoRA dropout)."""
+    return F.dropout(x_ND, p=dropout_p, training=True) if dropout_p > 0 else x_ND
+
+
+def grouped_swiglu_lora(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2FD, down_EDF,
+                        lora_A_gate_up_E2RD, lora_B_gate_up_E2FR, lora_A_down_ERF, lora_B_down_EDR,
+                        scaling, dropout_p=0.0, backend="torch"):
+    """grouped_swiglu with each expert's LoRA updates, rows already grouped by expert: [N, D].
+
+    gate_up = x W_gu^T + scaling * [x A_g^T B_g^T | x A_u^T B_u^T] (expert e's gate_proj and up_proj
+    adapters are [e, 0] and [e, 1] of the stacked A and B), then the weighted SwiGLU h, then
+    y = h W_d^T + scaling * (h A_d^T) B_d^T. Every product is one grouped GEMM over all experts with
+    the base's group offsets (4 small ones beside the base's 2: A of gate and up together, B of both,
+    A and B of down); the adapters are cast to the rows' dtype, so fp32 adapters train over a bf16
+    base. The routing weight scales h before the down projection (inside the SwiGLU kernel, as in
+    the base path), which weights the down adapter's output the same way: the projection is linear."""
+    E, _, F_, D = gate_up_E2FD.shape
+    r = lora_A_gate_up_E2RD.shape[2]
+    if r % LORA_RANK_ALIGN:
+        # zero rows of A and columns of B up to an aligned rank: the same sums, exactly
+        lora_A_gate_up_E2RD, lora_B_gate_up_E2FR, lora_A_down_ERF, lora_B_down_EDR = _pad_rank(
+            r, lora_A_gate_up_E2RD, lora_B_gate_up_E2FR, lora_A_down_ERF, lora_B_down_EDR)
+        r = lora_A_gate_up_E2RD.shape[2]
+    dtype = x_grouped_ND.dtype
+    counts_E = None
+    if backend == "grouped_gemm":
+        counts_E = torch.diff(group_end_offsets_E, prepend=group_end_offsets_E.new_zeros(1))
+
+    def mm(rows, w):
+        return grouped_mm(rows, w.to(dtype), group_end_offsets_E, counts_E, backend)
+
+    gate_up_N2F = mm(x_grouped_ND, gate_up_E2FD.reshape(E, 2 * F_, D))
+    # both A's in one GEMM: [N, 2r] = [x A_gate^T | x A_up^T]
+    xa_N2R = mm(_lora_rows(x_grouped_ND, dropout_p), lora_A_gate_up_E2RD.reshape(E, 2 * r, D))
+    # both B's in one GEMM too, as the block-diagonal [E, 2F, 2r] = [[B_gate, 0], [0, B_up]]: it writes
+    # the [gate | up] update in the base output's layout, with no slicing or concatenation of [N, 2F]
+    # rows (its zero blocks cost 2r / D of the base GEMM's work)
+    zeros_EFR = lora_B_gate_up_E2FR.new_zeros(E, F_, r)
+    b_gate_up_E2F2R = torch.cat([torch.cat([lora_B_gate_up_E2FR[:, 0], zeros_EFR], dim=-1),
+                                 torch.cat([zeros_EFR, lora_B_gate_up_E2FR[:, 1]], dim=-1)], dim=1)
+    gate_up_N2F = gate_up_N2F.add(mm(xa_N2R, b_gate_up_E2F2R), alpha=scaling)  # one pass: base + scaling * update
+    h_NF = weighted_swiglu(gate_up_N2F, weight_N1)
+    update_down_ND = mm(mm(_lora_rows(h_NF, dropout_p), lora_A_down_ERF), lora_B_down_EDR)
+    return mm(h_NF, down_EDF).add(update_down_ND, alpha=scaling)
+
+
+def expert_swiglu_lora(x_TD, topk_idx_TK, topk_weight_TK, gate_up_E2FD, down_EDF, lora_A_gate_up_E2RD,
+                       lora_B_gate_up_E2FR, lora_A_down_ERF, lora_B_down_EDR, scaling, dropout_p=0.0,
+                       backend="torch"):
+    """expert_swiglu with the experts' LoRA updates (grouped_swiglu_lora): the same permute, grouping
+    and unpermute around the grouped GEMMs."""
+    top_k = topk_idx_TK.shape[-1]
+    sorted_slots_N, sorted_tokens_N, slot_position_N, sorted_experts_N = sort_slots(topk_idx_TK)
+    x_sorted_ND = permute(x_TD, sorted_tokens_N, slot_position_N, top_k)
+    offsets_E = group_end_offsets(sorted_experts_N, gate_up_E2FD.shape[0])
+    weight_N1 = topk_weight_TK.reshape(-1).index_select(0, sorted_slots_N).unsqueeze(-1)
+    y_sorted_ND = grouped_swiglu_lora(x_sorted_ND, weight_N1, offsets_E, gate_up_E2FD, down_EDF, lora_A_gate_up_E2RD,
+                                      lora_B_gate_up_E2FR, lora_A_down_ERF, lora_B_down_EDR, scaling, dropout_p,
+                                      backend)
+    return unpermute(y_sorted_ND, sorted_tokens_N, slot_position_N, top_k)

@@ -21,7 +21,7 @@ so it imports only torch, transformers and its configuration file.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -316,12 +316,81 @@ def apply_rotary_pos_emb(q, k, cos, sin, interleaved=False):
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
-def eager_attention(query, key, value, padding_mask, softmax_scale, dropout_p, training):
+@dataclass(eq=False)
+class AttentionMask:
+    """What a query may see beyond causality, built once per forward and shared by every layer:
+
+    * key_padding_BS: Hugging Face's attention_mask [B, S], 1 for tokens and 0 for padding; padded
+      keys are hidden from every query;
+    * document_ids_BS: [B, S] the document of each token of packed rows (`document_ids`); a query
+      sees only the keys of its own document (block-causal attention).
+
+    The attention kernels take None (plain causal attention, the fast path) or one of these."""
+
+    key_padding_BS: Optional[torch.Tensor] = None
+    document_ids_BS: Optional[torch.Tensor] = None
+    _packed: Optional[Tuple[torch.Tensor, int]] = field(default=None, repr=False)
+    # what attention kernels derive from the mask once per forward and share across layers
+    kernel_cache: dict = field(default_factory=dict, repr=False)
+
+    def packed_sequences(self):
+        """(cu_seqlens int32 [N + 1], max_seqlen) of the N documents of the B * S tokens flattened
+        row after row (a row's end also ends its last document): the form flash-attn's varlen kernels
+        take. Computed on the first call (one wait for the device, for max_seqlen) and kept, so the
+        layers of a forward share it."""
+        if self._packed is None:
+            docs = self.document_ids_BS
+            starts = torch.ones_like(docs, dtype=torch.bool)
+            starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+            offsets = torch.nonzero(starts.reshape(-1)).reshape(-1)
+            cu_seqlens = torch.cat([offsets, offsets.new_full((1,), docs.numel())]).to(torch.int32)
+            self._packed = (cu_seqlens, int(torch.diff(cu_seqlens).max()))
+        return self._packed
+
+
+def document_ids(position_ids_BS):
+    """The document of each token, [B, S] int64: the count of position-id restarts (position 0) up to
+    and including it, so documents start exactly where position_ids are 0. None when no row restarts
+    after its first token: the plain causal path then runs, exactly as without position_ids. The
+    check waits for the device once per forward. On the meta device (a trace, which cannot read
+    values) position ids are taken to restart, so a trace given them sees the masked form."""
+    if position_ids_BS.device.type != "meta" and not bool((position_ids_BS[:, 1:] == 0).any()):
+        return None
+    return torch.cumsum(position_ids_BS == 0, dim=1)
+
+
+def attention_mask_for(attention_mask_BS=None, position_ids_BS=None):
+    """The AttentionMask of a forward (HF padding mask and/or packed position ids), or None for
+    plain causal attention."""
+    docs = None if position_ids_BS is None else document_ids(position_ids_BS)
+    if attention_mask_BS is None and docs is None:
+        return None
+    return AttentionMask(key_padding_BS=attention_mask_BS, document_ids_BS=docs)
+
+
+def attention_allowed(mask, batch_size, seq_len, device):
+    """bool [B, 1, S, S]: True where query i may attend key j (j <= i, and as `mask` says: None, an
+    AttentionMask, or a [B, S] padding mask with 1 for tokens and 0 for padding)."""
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    allowed = allowed.view(1, 1, seq_len, seq_len).expand(batch_size, 1, seq_len, seq_len)
+    if mask is None:
+        return allowed
+    if not isinstance(mask, AttentionMask):
+        mask = AttentionMask(key_padding_BS=mask)
+    if mask.key_padding_BS is not None:
+        allowed = allowed & mask.key_padding_BS.bool().view(batch_size, 1, 1, seq_len)
+    if mask.document_ids_BS is not None:
+        docs = mask.document_ids_BS
+        allowed = allowed & (docs.view(batch_size, 1, seq_len, 1) == docs.view(batch_size, 1, 1, seq_len))
+    return allowed
+
+
+def eager_attention(query, key, value, mask, softmax_scale, dropout_p, training):
     """softmax(q k^T * scale + causal mask) v with the softmax in float32. q/k/v: [B, H, S, d];
-    padding_mask: None or [B, S] with 1 for tokens and 0 for padding."""
+    mask: None (causal), an AttentionMask (padding, documents) or a [B, S] padding mask."""
     B, _, S, _ = query.shape
     weights = torch.matmul(query, key.transpose(2, 3)) * softmax_scale
-    weights = weights + causal_attention_mask(padding_mask, B, S, weights.dtype, weights.device)
+    weights = weights + causal_attention_mask(mask, B, S, weights.dtype, weights.device)
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout_p, training=training)
     return torch.matmul(weights, value)
@@ -397,10 +466,10 @@ class DeepseekV2Attention(nn.Module):
         key = torch.cat([k_nope, k_pe.expand(B, self.num_heads, S, self.qk_rope_head_dim)], dim=-1)
         return query, key, value
 
-    def forward(self, hidden_states_BSD, position_embeddings, padding_mask):
+    def forward(self, hidden_states_BSD, position_embeddings, mask):
         B, S, _ = hidden_states_BSD.shape
         query, key, value = self.project_qkv(hidden_states_BSD, position_embeddings)
-        out = self.attention_fn(query, key, value, padding_mask, self.softmax_scale,
+        out = self.attention_fn(query, key, value, mask, self.softmax_scale,
                                 self.attention_dropout, self.training)
         out = out.transpose(1, 2).reshape(B, S, self.num_heads * self.v_head_dim)
         return self.o_proj(out)
@@ -441,10 +510,10 @@ class DeepseekAttention(nn.Module):
             v = v.repeat_interleave(self.num_key_value_groups, dim=1)
         return q, k, v
 
-    def forward(self, hidden_states_BSD, position_embeddings, padding_mask):
+    def forward(self, hidden_states_BSD, position_embeddings, mask):
         B, S, _ = hidden_states_BSD.shape
         query, key, value = self.project_qkv(hidden_states_BSD, position_embeddings)
-        out = self.attention_fn(query, key, value, padding_mask, self.softmax_scale,
+        out = self.attention_fn(query, key, value, mask, self.softmax_scale,
                                 self.attention_dropout, self.training)
         out = out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)
         return self.o_proj(out)
@@ -470,10 +539,10 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, padding_mask=None):
-        """Returns (hidden_states, aux_loss or None). padding_mask: None or [B, S], 0 marks padding."""
+    def forward(self, hidden_states, position_embeddings, mask=None):
+        """Returns (hidden_states, aux_loss or None). mask: None (causal) or an AttentionMask."""
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, padding_mask)
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask)
         hidden_states = residual + hidden_states
         residual = hidden_states
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -483,14 +552,12 @@ class DeepseekDecoderLayer(nn.Module):
         return residual + mlp_out, aux_loss
 
 
-def causal_attention_mask(attention_mask_BS, batch_size, seq_len, dtype, device):
+def causal_attention_mask(mask, batch_size, seq_len, dtype, device):
     """Additive [B, 1, S, S] mask: 0 where a query may attend, the dtype's minimum elsewhere.
-    attention_mask_BS (1 = token, 0 = padding) optionally masks padded keys too."""
+    mask (None, an AttentionMask, or a [B, S] padding mask: 1 = token, 0 = padding) optionally hides
+    padded keys and other documents' keys too (attention_allowed)."""
     min_value = torch.finfo(dtype).min
-    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-    allowed = allowed.view(1, 1, seq_len, seq_len).expand(batch_size, 1, seq_len, seq_len)
-    if attention_mask_BS is not None:
-        allowed = allowed & attention_mask_BS.bool().view(batch_size, 1, 1, seq_len)
+    allowed = attention_allowed(mask, batch_size, seq_len, device)
     zeros = torch.zeros((), dtype=dtype, device=device)
     return torch.where(allowed, zeros, torch.full((), min_value, dtype=dtype, device=device))
 
@@ -589,10 +656,12 @@ class _DeepseekModelBody:
             inputs_embeds = self.embed_tokens(input_ids)
         B, S = inputs_embeds.shape[:2]
         device = inputs_embeds.device
+        # Padding and, when position_ids restart inside a row (packed documents), the documents;
+        # None without either: the kernels' plain causal path.
+        mask = attention_mask_for(attention_mask, position_ids)
         if position_ids is None:
             position_ids = torch.arange(S, device=device).unsqueeze(0).expand(B, S)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
-        padding_mask = attention_mask  # [B, S] or None; the attention kernel adds causality
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -602,9 +671,9 @@ class _DeepseekModelBody:
                 all_hidden_states += (hidden_states,)
             if self.gradient_checkpointing and self.training:
                 hidden_states, aux_loss = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, position_embeddings, padding_mask)
+                    layer.__call__, hidden_states, position_embeddings, mask)
             else:
-                hidden_states, aux_loss = layer(hidden_states, position_embeddings, padding_mask)
+                hidden_states, aux_loss = layer(hidden_states, position_embeddings, mask)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         hidden_states = self.norm(hidden_states)
@@ -654,6 +723,8 @@ class _DeepseekForCausalLMBody:
         return_dict: Optional[bool] = None,
     ) -> Union[Tuple, MoECausalLMOutput]:
         """labels: next-token targets aligned with input_ids (shifted inside), -100 is ignored.
+        position_ids: rotary positions; when they restart at 0 inside a row (several documents packed
+        in it), each token attends only to the earlier tokens of its own document.
         In training mode the returned loss is the token-mean cross-entropy plus the balance loss."""
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -671,15 +742,16 @@ class _DeepseekForCausalLMBody:
                                  hidden_states=outputs.hidden_states, attentions=None,
                                  aux_loss=outputs.aux_loss, lm_loss=lm_loss)
 
-    def forward_with_head(self, input_ids, head_fn):
+    def forward_with_head(self, input_ids, head_fn, position_ids=None):
         """The body (embedding, layers, final norm), then `head_fn(hidden_states_BSD, lm_head)`, in one
-        call; returns (head_fn's result, the balance loss or None).
+        call; returns (head_fn's result, the balance loss or None). position_ids as in forward (packed
+        rows: attention within each document).
 
         For a trainer that computes its loss straight from the final hidden states, e.g. the
         cross-entropy a chunk of positions at a time, never holding the full float32 logits. The
         lm_head is used inside this call so that a wrapper hooking the model's forward methods (FSDP
         gathering the parameters) sees it used."""
-        outputs = self.model(input_ids=input_ids, return_dict=True)
+        outputs = self.model(input_ids=input_ids, position_ids=position_ids, return_dict=True)
         return head_fn(outputs.last_hidden_state, self.lm_head), outputs.aux_loss
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):

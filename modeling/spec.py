@@ -12,6 +12,10 @@
   families that tensor parallelism splits, the plan keyed by child module name (`TP_PLAN`) with
   the attributes that count heads (`TP_HEAD_COUNTS`);
 * the pipeline pieces (`StageModule`: embedding, a run of decoder layers, final norm and head);
+* LoRA (`apply_lora`, modeling/lora.py): which families may carry adapters (`LORA_TARGETS`), the
+  experts' stacked adapters (`EXPERT_LORA_PARAMETERS`, split like the base by
+  `EXPERT_DIM` / `EXPERT_INTERMEDIATE_DIMS`), how tensor parallelism splits an adapted projection
+  (`TP_PARAMETER_DIMS`), and the adapters' seeded initial values (`lora_initial_value`);
 * the config fields that fix every shape (`FINGERPRINT_FIELDS`) and the kind of each layer.
 
 The exported `modeling_deepseek.py` stays the model only: nothing here ships with a checkpoint.
@@ -26,16 +30,30 @@ import torch
 from torch import nn
 
 from .loading import build_model
-from .modeling_deepseek import DeepseekAttention, DeepseekMLP, DeepseekV2Attention, is_moe_layer
+from .modeling_deepseek import (DeepseekAttention, DeepseekMLP, DeepseekV2Attention, attention_mask_for,
+                                is_moe_layer)
 from .training_form import (  # noqa: F401 - what the runtime may use of the training form
+    EXPERT_LORA_PARAMETERS,
     EXPERT_PARAMETERS,
     ROUTER_ANNOTATION,
     MoEBlock,
     apply_training_form,
     compile_layers,
+    expert_lora,
+    expert_parameter_names,
     expert_weights,
     routed_experts,
     routed_experts_grouped,
+)
+from .lora import (  # noqa: F401 - LoRA as the compiler and runtime see it
+    DEFAULT_LORA_TARGETS,
+    LORA_TARGETS,
+    LoraConfig,
+    apply_lora,
+    is_lora_parameter,
+    lora_config_of,
+    lora_initial_value,
+    parse_targets as parse_lora_targets,
 )
 
 # ---- op families -----------------------------------------------------------------------------------------
@@ -224,10 +242,21 @@ TP_PLAN = {
 }
 # attributes of a family's module that count heads, divided by the tensor-parallel degree
 TP_HEAD_COUNTS = {"attention": ("num_heads", "num_key_value_heads")}
+# The dim of each parameter of a (LoRA-adapted) projection that each style splits (None: whole on
+# every rank). Column-parallel: the output features of weight, bias and lora_B; lora_A [r, in] stays
+# whole. Row-parallel: the input features of weight and lora_A; bias and lora_B [out, r] stay whole
+# (their outputs are partial sums, summed with the base's).
+TP_PARAMETER_DIMS = {"colwise": {"weight": 0, "bias": 0, "lora_A": None, "lora_B": 0},
+                     "rowwise": {"weight": 1, "bias": None, "lora_A": 1, "lora_B": None}}
 # Stacked expert parameters (EXPERT_PARAMETERS) hold the experts along dim 0; the intermediate (F)
 # dim, which the intermediate partition splits, is dim 2 of each ([E, 2, F, D] and [E, D, F]).
 EXPERT_DIM = 0
 EXPERT_INTERMEDIATE_DIMS = dict(zip(EXPERT_PARAMETERS, (2, 2)))
+# The experts' stacked LoRA adapters (modeling/lora.py) hold the experts along EXPERT_DIM too, so
+# expert parallelism splits them like the base. Their intermediate (F) dim: B of gate+up
+# [E, 2, F, r] and A of down [E, r, F] have it at dim 2; A of gate+up [E, 2, r, D] and B of down
+# [E, D, r] have none (None: whole on every tensor-parallel rank).
+EXPERT_INTERMEDIATE_DIMS.update(dict(zip(EXPERT_LORA_PARAMETERS, (None, 2, 2, None))))
 
 
 def set_shared_across_heads(attention, fn):
@@ -270,13 +299,17 @@ class StageModule(nn.Module):
     model's parameter objects; the model should not be used after it has been split.
 
     forward: input_ids [B, S] (first stage) or hidden [B, S, D] -> hidden [B, S, D], or float32
-    logits [B, S, V] on the last stage (causal, no padding).
+    logits [B, S, V] on the last stage (causal, no padding; document-masked for packed position_ids).
+    With `head_loss` (the last stage only), the last stage returns instead the micro-batch's loss
+    head_loss(final normed hidden [B, S, D], lm_head, labels [B, S]), e.g. the summed cross-entropy
+    computed a chunk of positions at a time: the full logits never exist, and the head is used inside
+    forward, so a wrapper hooking forward (FSDP gathering the weights) sees it used.
 
     A stage returns one tensor, so its MoE blocks inject their balance-loss gradient times
     `aux_loss_grad_scale` in their own backward; every forward appends the sum of its blocks'
     balance losses (detached, or None without any) to `aux_loss_per_forward`, for logging."""
 
-    def __init__(self, causal_lm, layer_range, has_embed, has_head, aux_loss_grad_scale):
+    def __init__(self, causal_lm, layer_range, has_embed, has_head, aux_loss_grad_scale, head_loss=None):
         super().__init__()
         first, end = layer_range
         body = causal_lm.model
@@ -299,10 +332,19 @@ class StageModule(nn.Module):
         self.model.embed_tokens = body.embed_tokens if has_embed else None
         self.model.norm = body.norm if has_head else None
         self.lm_head = causal_lm.lm_head if has_head else None
+        if head_loss is not None and not has_head:
+            raise ValueError("head_loss is the last stage's: this stage has no lm_head")
+        self.head_loss = head_loss
         for block in moe_blocks(self):
             block.aux_loss_grad_scale = self.aux_loss_grad_scale
 
-    def forward(self, x):
+    def forward(self, x, position_ids=None, labels=None):
+        """x: input_ids [B, S] (first stage) or the previous stage's hidden states [B, S, D].
+        position_ids [B, S] (None: 0..S-1), given to every stage by the schedule (a keyword input of
+        each rank's step, cut into micro-batches like the batch): the rotary positions, and, where
+        they restart inside a row (packed documents), attention within each document. labels [B, S]:
+        the targets head_loss takes (reaching the stages as position_ids do); a stage without
+        head_loss ignores them."""
         blocks = moe_blocks(self)
         # A block leaves last_aux_loss as it was when it computes no balance loss (eval mode,
         # aux_loss_alpha 0): clear it so that a stale value is not counted again. Reading the values
@@ -312,16 +354,23 @@ class StageModule(nn.Module):
             block.last_aux_loss = None
         hidden_BSD = self.model.embed_tokens(x) if self.has_embed else x
         B, S = hidden_BSD.shape[:2]
-        positions = torch.arange(S, device=hidden_BSD.device).unsqueeze(0).expand(B, S)
+        mask = attention_mask_for(None, position_ids)
+        positions = position_ids
+        if positions is None:
+            positions = torch.arange(S, device=hidden_BSD.device).unsqueeze(0).expand(B, S)
         position_embeddings = self.model.rotary_emb(positions, hidden_BSD.dtype)
         for layer in self.model.layers.values():
-            hidden_BSD, aux = layer(hidden_BSD, position_embeddings, None)
+            hidden_BSD, aux = layer(hidden_BSD, position_embeddings, mask)
             if aux is not None:
                 # Would be silently dropped: the blocks must inject the balance loss themselves.
                 raise RuntimeError("a MoE block returned its balance loss inside a pipeline stage; "
                                    "set its aux_loss_grad_scale")
         values = [block.last_aux_loss for block in blocks if block.last_aux_loss is not None]
         self.aux_loss_per_forward.append(torch.stack(values).sum() if values else None)
+        if self.head_loss is not None:
+            if labels is None:
+                raise ValueError("this last stage computes its loss (head_loss) and needs the micro-batch's labels")
+            return self.head_loss(self.model.norm(hidden_BSD), self.lm_head, labels)
         if self.has_head:
             # what the causal LM's forward computes after its layers: final norm, lm_head, float32
             return self.lm_head(self.model.norm(hidden_BSD)).float()

@@ -8,7 +8,8 @@
   autograd, and an annotation in the compiler's registry saying how it may be partitioned;
 * each MoE layer's experts are merged into stacked parameters (`gate_up_proj_E2FD`: gate and up
   of every expert, `down_proj_EDF`) computed by permute -> grouped GEMM -> unpermute
-  (`kernels.py`);
+  (`kernels.py`); with LoRA (`modeling/lora.py`) they also hold stacked per-expert adapters
+  (`EXPERT_LORA_PARAMETERS`), applied by grouped GEMMs over the same grouping;
 * attention runs through `scaled_dot_product_attention` (PyTorch's choice of kernel, or one kernel
   forced: `ATTENTION_BACKENDS`), or flash-attn when it is installed.
 
@@ -19,6 +20,8 @@ Outputs equal the reference's to float tolerance, forward and backward. The name
 experts and their Hugging Face counterparts are mapped in `hf_adapter.py`, the one place that
 knows them.
 """
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -167,6 +170,7 @@ class MergedExperts(nn.Module):
         self.gate_up_proj_E2FD = nn.Parameter(torch.empty(num_experts, 2, intermediate_size, hidden_size, **kw))
         self.down_proj_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
         self.grouped_mm_backend = "torch"
+        self.lora = None  # ExpertAdapters once modeling/lora.py has added the stacked adapters
 
     @classmethod
     def from_experts(cls, experts):
@@ -185,28 +189,64 @@ class MergedExperts(nn.Module):
         return merged
 
     def forward(self, x_TD, topk_idx_TK, topk_weight_TK):
-        return routed_experts(expert_weights(self), x_TD, topk_idx_TK, topk_weight_TK, self.grouped_mm_backend)
+        return routed_experts(expert_weights(self), x_TD, topk_idx_TK, topk_weight_TK, self.grouped_mm_backend,
+                              expert_lora(self))
 
 
 # The stacked expert parameters, in the order the expert kernels take them. A runtime that splits
 # the experts (over experts or over their intermediate dim) keeps these names and calls the two
 # functions below with its own pieces, so checkpoints and optimizer state keep one naming.
 EXPERT_PARAMETERS = ("gate_up_proj_E2FD", "down_proj_EDF")
+# The stacked LoRA adapters of the experts (modeling/lora.py adds them), in the order the kernels
+# take them after EXPERT_PARAMETERS: gate+up A [E, 2, r, D] and B [E, 2, F, r], down A [E, r, F] and
+# B [E, D, r]. Every one holds the experts along dim 0, like the base.
+EXPERT_LORA_PARAMETERS = ("lora_A_gate_up_E2RD", "lora_B_gate_up_E2FR", "lora_A_down_ERF", "lora_B_down_EDR")
+
+
+@dataclass(frozen=True)
+class ExpertAdapters:
+    """How a stacked-experts module applies its LoRA adapters: y += scaling * B (A drop(x)), with
+    dropout of probability `dropout` in training mode."""
+
+    scaling: float
+    dropout: float
+
+
+def expert_parameter_names(module):
+    """The stacked tensors a stacked-experts module holds: EXPERT_PARAMETERS, then the adapters'
+    (EXPERT_LORA_PARAMETERS) when it has them."""
+    return EXPERT_PARAMETERS + (EXPERT_LORA_PARAMETERS if getattr(module, "lora", None) is not None else ())
 
 
 def expert_weights(module):
-    """The stacked expert tensors of a module holding EXPERT_PARAMETERS (local parts of DTensors)."""
-    return tuple(getattr(module, name) for name in EXPERT_PARAMETERS)
+    """The stacked expert tensors of a module holding EXPERT_PARAMETERS (local parts of DTensors),
+    followed by its adapters when it has them (expert_parameter_names)."""
+    return tuple(getattr(module, name) for name in expert_parameter_names(module))
 
 
-def routed_experts(weights, x_TD, topk_idx_TK, topk_weight_TK, backend="torch"):
-    """sum_k w_tk * expert_{idx_tk}(x_t) over a token's K choices, weights = expert_weights(...)."""
-    return kernels.expert_swiglu(x_TD, topk_idx_TK, topk_weight_TK, *weights, backend=backend)
+def expert_lora(module):
+    """The module's ExpertAdapters for this call (dropout off outside training), or None."""
+    lora = getattr(module, "lora", None)
+    if lora is None or module.training or lora.dropout == 0.0:
+        return lora
+    return ExpertAdapters(lora.scaling, 0.0)
 
 
-def routed_experts_grouped(weights, x_grouped_ND, weight_N1, group_end_offsets_E, backend="torch"):
+def routed_experts(weights, x_TD, topk_idx_TK, topk_weight_TK, backend="torch", lora=None):
+    """sum_k w_tk * expert_{idx_tk}(x_t) over a token's K choices, weights = expert_weights(...);
+    with `lora` (ExpertAdapters) the weights carry the adapters too, applied by grouped GEMMs."""
+    if lora is None:
+        return kernels.expert_swiglu(x_TD, topk_idx_TK, topk_weight_TK, *weights[:2], backend=backend)
+    return kernels.expert_swiglu_lora(x_TD, topk_idx_TK, topk_weight_TK, *weights, scaling=lora.scaling,
+                                      dropout_p=lora.dropout, backend=backend)
+
+
+def routed_experts_grouped(weights, x_grouped_ND, weight_N1, group_end_offsets_E, backend="torch", lora=None):
     """Each expert's weighted output on rows already grouped by expert (expert parallelism)."""
-    return kernels.grouped_swiglu(x_grouped_ND, weight_N1, group_end_offsets_E, *weights, backend=backend)
+    if lora is None:
+        return kernels.grouped_swiglu(x_grouped_ND, weight_N1, group_end_offsets_E, *weights[:2], backend=backend)
+    return kernels.grouped_swiglu_lora(x_grouped_ND, weight_N1, group_end_offsets_E, *weights, scaling=lora.scaling,
+                                       dropout_p=lora.dropout, backend=backend)
 
 
 class _AddAuxLossGrad(torch.autograd.Function):

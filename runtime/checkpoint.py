@@ -11,6 +11,10 @@ shapes whatever the plan: experts as gate_up_proj_E2FD [E, 2, F, D] and down_pro
 and "optim.state.<name>.<exp_avg|exp_avg_sq|step>", "optim.param_groups.<name>.<hyperparameter>".
 COMMITTED is JSON: step, world_size, and files: {relative path: {"bytes", "crc32"}} for every
 file of the checkpoint, so a missing, truncated or altered shard is named when it is read back.
+A LoRA run's checkpoint holds only what it trains (the adapters and their optimizer state; the
+frozen base weights come from --model_id) and `lora.json` (`lora_file`: its rank, alpha, dropout,
+targets and the Hugging Face modules adapted), checksummed with the rest; a resume must continue
+the same adapters (`check_lora`).
 
 Every rank writes into `step_N.partial/`; after a barrier rank 0 writes the COMMITTED marker and
 renames the directory to `step_N`, then moves the `last` pointer (write to a temporary file, then
@@ -52,11 +56,20 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from errors import UserError, read_json
+from modeling import hf_adapter
 from runtime.expert_parallel import ExpertParallelExperts
 
 # Optimizer state keyed by parameter name (hyperparameters too): what each rank holds is then
 # self-describing, whichever modules (pipeline stages) the rank has.
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# A LoRA run saves only what it trains: the frozen base weights come from --model_id (its Hugging
+# Face weights, or the seeded initialisation) and are never written, so a load leaves them missing.
+_LORA_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
+LORA_FILE = "lora.json"  # in a LoRA checkpoint: {"rank", "alpha", "dropout", "targets", "modules"}
+
+
+def _options_for(module):
+    return _LORA_OPTIONS if any(not p.requires_grad for p in module.parameters()) else _OPTIONS
 
 COMMIT_MARKER = "COMMITTED"
 LAST_POINTER = "last"
@@ -81,11 +94,12 @@ def check_options(args):
 
 
 def save(save_dir, step, modules, optimizer, scheduler, keep_last=None, hf_files=None, ep_mesh=None, parent=None,
-         protect=None):
+         protect=None, lora=None):
     """hf_files: {name in hf/: source path or bytes}, written by rank 0. ep_mesh: see _state.
     parent: the checkpoint directory this one descends from (the run's previous save, else the one it
     resumed from); protect: one --keep_last never deletes (the one the run resumed from). See the
-    module doc for the --keep_last rule."""
+    module doc for the --keep_last rule. lora: a LoRA run's lora.json (`lora_file`), written by rank 0;
+    the model state then holds only the adapters."""
     rank = dist.get_rank()
     final = os.path.join(save_dir, _name(step))
     partial = final + ".partial"
@@ -100,6 +114,9 @@ def save(save_dir, step, modules, optimizer, scheduler, keep_last=None, hf_files
                os.path.join(partial, extra))
     if rank == 0 and hf_files:
         _write_hf_files(os.path.join(partial, "hf"), hf_files)
+    if rank == 0 and lora is not None:
+        with open(os.path.join(partial, LORA_FILE), "w") as f:
+            json.dump(lora, f, indent=1)
     _commit(save_dir, step, partial, final, extra, bool(hf_files), keep_last, parent, protect)
     dist.barrier()
     return final
@@ -124,6 +141,8 @@ def _commit(save_dir, step, partial, final, extra, has_hf, keep_last, parent=Non
     mine = [extra] + sorted(f for f in os.listdir(partial) if f.startswith(f"__{rank}_"))
     if rank == 0:
         mine.append(".metadata")
+        if os.path.isfile(os.path.join(partial, LORA_FILE)):
+            mine.append(LORA_FILE)
         if has_hf:
             mine += [os.path.join("hf", f) for f in sorted(os.listdir(os.path.join(partial, "hf")))]
     sums = {f: file_checksum(os.path.join(partial, f)) for f in mine}
@@ -344,7 +363,7 @@ def _state(modules, optimizer, ep_mesh=None):
     `_to_local_forms` needs after a load."""
     model_state, optim_state = {}, {}
     for module in modules:
-        m, o = get_state_dict(module, optimizer, options=_OPTIONS)
+        m, o = get_state_dict(module, optimizer, options=_options_for(module))
         model_state.update(m)
         optim_state = o  # one optimizer over all of this rank's modules
     local_forms = {}
@@ -433,8 +452,16 @@ def load(path, modules, optimizer, scheduler, ep_mesh=None):
     _to_local_forms(state["model"], {k: v for k, v in local_forms.items() if k in model_state})
     _to_local_forms(state["optim"], {k: v for k, v in local_forms.items() if k in optim_state})
     for module in modules:
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=_OPTIONS)
+        options = _options_for(module)
+        keys = set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                              options=options)
+        if options is _LORA_OPTIONS:  # not strict: only the frozen base weights may be missing
+            frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+            missing = sorted(set(keys.missing_keys) - frozen)
+            if missing:
+                raise CheckpointError(f"{path}: the adapter {missing[0]} (and {len(missing) - 1} more) is missing from "
+                                      "the checkpoint; resume with the LoRA options it was saved with, or use "
+                                      "another checkpoint")
 
     rank = dist.get_rank()
     extra_path = os.path.join(path, f"extra_rank{rank:05d}.pt")
@@ -478,6 +505,42 @@ def _fit_param_groups(scheduler_state, groups, path):
     if lambdas is not None and len(lambdas) != groups:
         state["lr_lambdas"] = [lambdas[0]] * groups
     return state
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------------
+def lora_file(record, model, num_experts):
+    """What a LoRA checkpoint's lora.json holds: the run's LoRA record (rank, alpha, dropout, targets)
+    and the Hugging Face modules adapted (for merge_ckpt.py's PEFT export). `model`: the whole model
+    of the run (before any pipeline split), whose trainable parameters are the adapters."""
+    adapters = [name for name, p in model.named_parameters() if p.requires_grad]
+    return {**record, "modules": hf_adapter.lora_modules(adapters, num_experts)}
+
+
+def check_lora(ckpt_dir, record):
+    """A resume continues the adapters it saved: the run's LoRA record (None without LoRA) must equal
+    the checkpoint's lora.json (a checkpoint without one holds a full model)."""
+    path = os.path.join(ckpt_dir, LORA_FILE)
+    saved = None
+    if os.path.isfile(path):
+        saved = read_json(path, CheckpointError, "copy the checkpoint again from where the run saved it")
+        if not isinstance(saved, dict) or not all(k in saved for k in ("rank", "alpha", "dropout", "targets")):
+            raise CheckpointError(f"{path} is damaged (not the rank / alpha / dropout / targets the trainer writes); "
+                                  "copy the checkpoint again from where the run saved it")
+        saved = {k: saved[k] for k in ("rank", "alpha", "dropout", "targets")}
+    if saved == record:
+        return
+    if record is None:
+        raise CheckpointError(f"--resume_path {ckpt_dir} is a LoRA checkpoint ({LORA_FILE}: rank {saved['rank']}, alpha "
+                              f"{saved['alpha']}, targets {','.join(saved['targets'])}) but this run trains every "
+                              f"weight; resume it under a plan compiled with --lora_rank {saved['rank']}, or export "
+                              "it with merge_ckpt.py")
+    if saved is None:
+        raise CheckpointError(f"--resume_path {ckpt_dir} holds a full model, not LoRA adapters (no {LORA_FILE}); a "
+                              "LoRA run starts its adapters fresh over --model_id's weights: drop --resume_path, or "
+                              "merge the checkpoint (merge_ckpt.py) and pass that directory as --model_id")
+    differ = ", ".join(f"{k} {saved[k]} (this run: {record[k]})" for k in record if saved.get(k) != record[k])
+    raise CheckpointError(f"--resume_path {ckpt_dir} holds LoRA adapters with {differ}; resume with the LoRA options it "
+                          "was saved with (a plan compiled with them), or start a new run")
 
 
 # ---- what a run keeps beside its tensors ------------------------------------------------------------------

@@ -34,8 +34,9 @@ def _process_group(ep_group):
 class ExpertParallelExperts(nn.Module):
     """This rank's share of a layer's stacked experts, with all-to-all token dispatch.
 
-    Parameters keep the names and layout of the model's stacked experts (`spec.EXPERT_PARAMETERS`),
-    restricted along the expert dim to the local experts: local expert l is global expert
+    Parameters keep the names and layout of the model's stacked experts (`spec.EXPERT_PARAMETERS`,
+    and with LoRA the stacked adapters `spec.EXPERT_LORA_PARAMETERS`), restricted along the expert
+    dim to the local experts: local expert l is global expert
     expert_offset + l. Attributes: num_experts (global E), ep_size, ep_rank, expert_offset,
     num_local_experts, ep_group (the ProcessGroup used by the all-to-alls).
 
@@ -51,7 +52,9 @@ class ExpertParallelExperts(nn.Module):
         self.ep_group = _process_group(ep_group)
         self.ep_size = dist.get_world_size(self.ep_group)
         self.ep_rank = dist.get_rank(self.ep_group)
-        full = dict(zip(spec.EXPERT_PARAMETERS, spec.expert_weights(merged)))
+        # the base's stacked tensors and, with LoRA, the stacked adapters: all split along EXPERT_DIM
+        full = dict(zip(spec.expert_parameter_names(merged), spec.expert_weights(merged)))
+        self.lora = getattr(merged, "lora", None)
         self.num_experts = next(iter(full.values())).shape[spec.EXPERT_DIM]
         if self.num_experts % self.ep_size != 0:
             raise ValueError(f"n_routed_experts={self.num_experts} is not divisible by the expert-parallel "
@@ -112,7 +115,7 @@ class ExpertParallelExperts(nn.Module):
         weight_grouped_R1 = weight_recv_R.index_select(0, group_slots_R).unsqueeze(-1)
         offsets_L = kernels.group_end_offsets(group_experts_R, local_experts)
         y_grouped_RD = spec.routed_experts_grouped(spec.expert_weights(self), x_grouped_RD, weight_grouped_R1,
-                                                   offsets_L, self.grouped_mm_backend)
+                                                   offsets_L, self.grouped_mm_backend, spec.expert_lora(self))
         # Back to arrival order (K=1: a plain gather, no sum).
         y_recv_RD = kernels.unpermute(y_grouped_RD, group_rows_R, group_position_R, 1)
 

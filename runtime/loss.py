@@ -5,7 +5,7 @@ All of them compute the summed next-token cross-entropy of a micro-batch, which 
 by the target count of the whole global batch (see runtime/step.py); the plain one is the model's own
 `next_token_cross_entropy`, so the model's Hugging Face loss and the trainer's are one function.
 
-`chunked_lm_loss_sum(hidden, lm_head, input_ids, chunk_tokens)`: with DeepSeek's 102400-token
+`chunked_lm_loss_sum(hidden, lm_head, labels, chunk_tokens)`: with DeepSeek's 102400-token
 vocabulary, a micro-batch of 4 x 2048 positions has 3.4 GB of float32 logits, and autograd keeps the
 float32 log-softmax and builds float32 and bf16 gradients of the same size, several times the memory
 of a decoder layer's activations. The chunked path returns the same sum without ever holding more
@@ -20,6 +20,8 @@ per chunk); only the grouping and the order of a few float operations differ, so
 gradients equal the plain path's up to float rounding.
 """
 
+import functools
+
 import torch
 
 from modeling.kernels import compiled_on_cuda
@@ -31,17 +33,48 @@ def lm_loss_sum(logits_BSV, labels_BS):
     return next_token_cross_entropy(logits_BSV, labels_BS, reduction="sum")
 
 
-def pipeline_loss_fn(tokens_in_global_batch):
+class PipelineLoss:
     """The last pipeline stage's loss: loss_fn(logits [B, S, V], labels [B, S]) = lm_loss_sum / TOKENS,
     TOKENS the target count of the whole global batch, so the schedule backpropagates J's
-    cross-entropy part unscaled."""
-    if tokens_in_global_batch <= 0:
-        raise ValueError(f"tokens_in_global_batch must be positive, got {tokens_in_global_batch}")
+    cross-entropy part unscaled. The schedule holds this one object for the whole run; TOKENS
+    changes with each global batch when labels mask positions (instruction data), so the pipeline
+    sets `tokens` before each step (1 for an eval pass: plain sums).
 
-    def loss_fn(logits_BSV, labels_BS):
-        return lm_loss_sum(logits_BSV, labels_BS) / tokens_in_global_batch
+    Under the chunked loss the last stage computes the micro-batch's summed cross-entropy itself
+    (StageModule.head_loss = stage_chunked_loss(N)) and returns that scalar in place of the logits:
+    a 0-dim output is that sum, divided by TOKENS alone (the schedule still hands the labels as
+    its target)."""
 
-    return loss_fn
+    def __init__(self, tokens_in_global_batch):
+        self.tokens = tokens_in_global_batch
+
+    @property
+    def tokens(self):
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value):
+        if value <= 0:
+            raise ValueError(f"tokens_in_global_batch must be positive, got {value}")
+        self._tokens = value
+
+    def __call__(self, output, labels_BS):
+        if output.dim() == 0:  # the stage's own cross-entropy sum (logits are [B, S, V])
+            return output / self._tokens
+        return lm_loss_sum(output, labels_BS) / self._tokens
+
+
+def pipeline_loss_fn(tokens_in_global_batch):
+    """A PipelineLoss dividing by `tokens_in_global_batch` (TOKENS of the first step)."""
+    return PipelineLoss(tokens_in_global_batch)
+
+
+def stage_chunked_loss(chunk_tokens):
+    """The last pipeline stage's head_loss under --ce_chunk_tokens: (final normed hidden, lm_head,
+    labels) -> chunked_lm_loss_sum, the micro-batch's summed cross-entropy from its hidden states."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    return functools.partial(chunked_lm_loss_sum, chunk_tokens=int(chunk_tokens))
 
 
 @compiled_on_cuda
@@ -99,10 +132,11 @@ class _ChunkedLinearCrossEntropySum(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def chunked_lm_loss_sum(hidden_BSD, lm_head, input_ids_BS, chunk_tokens):
-    """Summed next-token cross-entropy of a micro-batch (position s predicts token s + 1; the last
-    position predicts nothing), float32, computed `chunk_tokens` positions at a time from the final
-    (normed) hidden states and lm_head (an nn.Linear without bias, or its weight)."""
+def chunked_lm_loss_sum(hidden_BSD, lm_head, labels_BS, chunk_tokens):
+    """Summed next-token cross-entropy of a micro-batch (position s predicts labels[s + 1], a label
+    IGNORE_INDEX counting for nothing; the last position predicts nothing), float32, computed
+    `chunk_tokens` positions at a time from the final (normed) hidden states and lm_head (an
+    nn.Linear without bias, or its weight). labels_BS: the input ids for pretraining rows."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     weight_VD = lm_head.weight if hasattr(lm_head, "weight") else lm_head
@@ -110,5 +144,5 @@ def chunked_lm_loss_sum(hidden_BSD, lm_head, input_ids_BS, chunk_tokens):
         raise ValueError("chunked_lm_loss_sum: lm_head has a bias, which this loss does not add")
     D = hidden_BSD.shape[-1]
     hidden_ND = hidden_BSD[:, :-1].reshape(-1, D)
-    targets_N = input_ids_BS[:, 1:].reshape(-1)
+    targets_N = labels_BS[:, 1:].reshape(-1)
     return _ChunkedLinearCrossEntropySum.apply(hidden_ND, weight_VD, targets_N, int(chunk_tokens))

@@ -89,6 +89,14 @@ def free_port():
         return s.getsockname()[1]
 
 
+def node_identity():
+    """(node rank, hostname) of this process, for messages that must say which machine is at fault.
+    The node rank is torchrun's GROUP_RANK: the node's index in the rendezvous. With
+    `--rdzv_backend c10d` torchrun assigns it itself (ignoring `--node_rank`), so the hostname is
+    named too; a process not started by torchrun is node 0."""
+    return int(os.environ.get("GROUP_RANK", "0")), socket.gethostname()
+
+
 # ---- dying with the launcher ------------------------------------------------------------------------------
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WATCH_SECONDS = 1.0

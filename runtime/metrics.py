@@ -11,10 +11,13 @@ import torch
 from compiler.profiles import ProfileError, load_profile
 
 SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "mfu")
+# record key -> TensorBoard tag, for what is not a training scalar (`train/<key>`)
+OTHER_SCALARS = {"eval_loss": "eval/loss"}
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per step) and TensorBoard scalars, written by rank 0 only."""
+    """metrics.jsonl (one JSON object per step; `eval_loss` in the steps that evaluated) and
+    TensorBoard scalars (train/*, eval/loss), written by rank 0 only."""
 
     def __init__(self, save_dir, enabled):
         self.enabled = enabled
@@ -35,9 +38,10 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for key in SCALARS:
+            tags = {**{key: f"train/{key}" for key in SCALARS}, **OTHER_SCALARS}
+            for key, tag in tags.items():
                 if key in record:
-                    self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+                    self.writer.add_scalar(tag, record[key], record["step"])
             self.writer.flush()
 
     def close(self):
@@ -93,7 +97,9 @@ def resident_high_water_kib():
 def model_flops_per_step(plan):
     """The FLOPs of one step of the whole run. The plan's are those of one replica's share of the
     global batch at the replica count it was compiled for; the global batch (and so the step's FLOPs)
-    is the same at any replica count."""
+    is the same at any replica count. For a LoRA plan they are full training's FLOPs all the same
+    (the benchmarks' one MFU definition: the frozen weights' skipped gradients counted), so a LoRA
+    run's MFU is the rate of the model's training FLOPs, not of the fewer it executes."""
     planned_replicas = plan.search_inputs.get("runtime_ngpus", plan.plan_ngpus) // plan.plan_ngpus
     return plan.predicted.get("model_flops_per_step", 0.0) * planned_replicas
 

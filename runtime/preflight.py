@@ -1,12 +1,15 @@
 """Checks before any heavy work: find the plan, and refuse a run that does not fit it.
 
-Everything here reads flags, files and the plan only (and takes the save directory's lock); nothing
-builds a model or touches a device, so a mistake costs a second, not a model load.
+Everything here reads flags, files and the plan only (and takes the save directory's lock, and checks
+that every node sees that directory); nothing builds a model or touches a device, so a mistake costs
+a second, not a model load.
 """
 
 import fcntl
 import os
+import secrets
 import socket
+import time
 
 import torch.distributed as dist
 
@@ -15,6 +18,8 @@ from compiler.execution import unsupported
 from compiler.plan import Plan, default_plan_path, model_fingerprint, model_name_of
 from modeling.kernels import flash_attn_func
 from options import ATTENTION_KERNELS, COMPILE_SCOPES, ExecutionOptions, RunOptions
+from options import LORA_FIELDS, LoraOptions, parse_lora_targets
+from runtime.mesh import node_identity
 
 
 class RunError(UserError):
@@ -22,8 +27,10 @@ class RunError(UserError):
 
 
 def find_plan(args: RunOptions, config):
-    """(plan, path): --plan, or the plan in plans/ made for this model (by fingerprint) and --plan_ngpus.
-    A plan file that cannot be read is passed over in the lookup, so one bad file does not hide the others."""
+    """(plan, path): --plan, or the plan in plans/ made for this model (by fingerprint) and --plan_ngpus,
+    a LoRA plan exactly when the run gives --lora_rank (a run never turns into LoRA, or out of it, by a
+    plan it did not name). A plan file that cannot be read is passed over in the lookup, so one bad
+    file does not hide the others."""
     if args.plan:
         plan = Plan.load(args.plan)
         plan.check_model(config, source=args.plan)
@@ -31,7 +38,7 @@ def find_plan(args: RunOptions, config):
     _, digest = model_fingerprint(config)
     if args.plan_ngpus is None:
         raise RunError("give --plan FILE or --plan_ngpus P (to find plans/<model>-<P>gpu.json)")
-    preferred = default_plan_path(model_name_of(args.model_id), args.plan_ngpus, args.plans_dir)
+    preferred = default_plan_path(model_name_of(args.model_id), args.plan_ngpus, args.plans_dir, bool(args.lora_rank))
     try:
         listed = sorted(f for f in os.listdir(args.plans_dir) if f.endswith(".json"))
     except OSError:  # no plans directory (or an unreadable one): only the preferred path can exist
@@ -46,14 +53,17 @@ def find_plan(args: RunOptions, config):
         except Exception as e:  # any file that is not a valid plan (PlanError, or worse) is passed over
             skipped.append(f"{path} ({type(e).__name__})")
             continue
-        if plan.model.get("fingerprint_sha") == digest and plan.plan_ngpus == args.plan_ngpus:
+        if plan.model.get("fingerprint_sha") == digest and plan.plan_ngpus == args.plan_ngpus and \
+                (plan.lora is not None) == bool(args.lora_rank):
             return plan, path
     unreadable = (f" (passed over {len(skipped)} unreadable plan file(s): {', '.join(skipped[:3])}"
                   f"{', ...' if len(skipped) > 3 else ''}; `python train.py --run_mode inspect --plan FILE` says why)"
                   if skipped else "")
-    raise RunError(f"no plan in {args.plans_dir}/ for this model with --plan_ngpus {args.plan_ngpus}{unreadable}; "
-                   f"compile one with `python train.py --run_mode compile --model_id {args.model_id} --plan_ngpus "
-                   f"{args.plan_ngpus} --runtime_ngpus {args.runtime_ngpus or args.plan_ngpus}` or pass --plan")
+    lora = f" --lora_rank {args.lora_rank}" if args.lora_rank else ""
+    raise RunError(f"no {'LoRA ' if lora else ''}plan in {args.plans_dir}/ for this model with --plan_ngpus "
+                   f"{args.plan_ngpus}{unreadable}; compile one with `python train.py --run_mode compile --model_id "
+                   f"{args.model_id} --plan_ngpus {args.plan_ngpus} --runtime_ngpus {args.runtime_ngpus or args.plan_ngpus}"
+                   f"{lora}` or pass --plan")
 
 
 def check_run(args: RunOptions, plan: Plan, plan_path, world_size):
@@ -88,6 +98,11 @@ def check_run(args: RunOptions, plan: Plan, plan_path, world_size):
         if value is not None and value != planned:
             raise RunError(f"{flag} {value} differs from the {planned} the plan {plan_path} was compiled for; "
                            "recompile the plan with the new value or leave the flag out")
+    planned_masking = bool(plan.search_inputs.get("document_masking", False))
+    if args.document_masking is not None and bool(args.document_masking) != planned_masking:
+        raise RunError(f"--document_masking {'on' if args.document_masking else 'off'} differs from the plan "
+                       f"{plan_path}, compiled with it {'on' if planned_masking else 'off'}; recompile the plan with "
+                       "the value you want or leave the flag out")
 
 
 def check_batch_split(plan: Plan, runtime, plan_path):
@@ -186,6 +201,115 @@ def release_save_dirs():
         os.close(_held.popitem()[1])
 
 
+# ---- one save directory for every node ---------------------------------------------------------------------
+# A checkpoint is written by every rank into its own --save_dir and committed by rank 0 once it has
+# checksummed every rank's files there; a resume reads `last` and the shards on every rank. So every
+# rank must see the same directory: on several machines, a filesystem they all mount. Each rank
+# proves it by writing a token that rank 0 then looks for.
+TOKEN_PREFIX = ".rank-token."  # in --save_dir: <prefix><run nonce>.<rank>, removed once read
+TOKEN_WAIT_S = 5.0             # how long rank 0 waits for a token a filesystem shows late
+
+
+def check_save_dir_shared(save_dir, rank):
+    """Refuses (on every rank, one line naming the node and the fix) a multi-process run in which some
+    rank's --save_dir is not the directory rank 0 sees: another path, or the same path on a disk of
+    its own machine. Called after claim_save_dir, so rank 0 holds the lock and this run's tokens are
+    the only live ones. The tokens carry a nonce drawn by rank 0 for this run, so tokens a killed run
+    left behind never pass for this run's: rank 0 deletes the ones it can list, but a network
+    filesystem may serve it a cached listing; and each name is new to rank 0, so no cached lookup of
+    that name can hide a token either."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world = dist.get_world_size()
+    nonce = [None]
+    if rank == 0:
+        _remove_tokens(save_dir)  # of runs killed between writing and removing theirs
+        nonce = [secrets.token_hex(8)]
+    dist.broadcast_object_list(nonce, src=0)
+    nonce = nonce[0]
+    token = os.path.join(save_dir, f"{TOKEN_PREFIX}{nonce}.{rank}")
+    created = not os.path.isdir(save_dir)  # a node with a disk of its own makes a directory nobody wants
+    error = None
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        with open(token, "w") as f:
+            f.write(_token_text(nonce, rank))
+    except OSError as e:
+        error = e.strerror or str(e)
+    node, host = node_identity()
+    # the gather is the barrier between writing and reading: rank 0 looks only once every rank has written
+    seen = [None] * world
+    dist.all_gather_object(seen, {"rank": rank, "node": node, "host": host, "save_dir": os.path.abspath(save_dir),
+                                  "error": error})
+    verdict = [_unshared_save_dir(save_dir, nonce, seen) if rank == 0 else None]
+    dist.broadcast_object_list(verdict, src=0)  # once it returns, rank 0 has read every token
+    try:
+        os.remove(token)
+    except OSError:
+        pass
+    if verdict[0]:
+        # The rank that made the directory saw it missing before making it, so it is among those with
+        # `created`; once every token is gone (the barrier) its rmdir finds the directory empty.
+        dist.barrier()
+        if created:
+            try:
+                os.rmdir(save_dir)
+            except OSError:
+                pass
+        raise RunError(verdict[0])
+
+
+def _token_text(nonce, rank):
+    return f"{nonce} {rank}\n"
+
+
+def _token_present(save_dir, nonce, rank):
+    try:
+        with open(os.path.join(save_dir, f"{TOKEN_PREFIX}{nonce}.{rank}")) as f:
+            return f.read() == _token_text(nonce, rank)
+    except OSError:
+        return False
+
+
+def _remove_tokens(save_dir):
+    try:
+        stale = [n for n in os.listdir(save_dir) if n.startswith(TOKEN_PREFIX)]
+    except OSError:
+        return
+    for name in stale:
+        try:
+            os.remove(os.path.join(save_dir, name))
+        except OSError:
+            pass
+
+
+def _unshared_save_dir(save_dir, nonce, seen):
+    """Rank 0: None when every rank's token is in its --save_dir, else the refusal, naming each node
+    whose ranks wrote elsewhere or could not write."""
+    pending = [s for s in seen if s["error"] is None]
+    deadline = time.monotonic() + TOKEN_WAIT_S
+    while True:
+        pending = [s for s in pending if not _token_present(save_dir, nonce, s["rank"])]
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    faults = {}  # (node, host, its save_dir, its write error) -> its ranks at fault
+    for s in sorted([s for s in seen if s["error"] is not None] + pending, key=lambda s: s["rank"]):
+        faults.setdefault((s["node"], s["host"], s["save_dir"], s["error"]), []).append(s["rank"])
+    if not faults:
+        return None
+    here = seen[0]
+    said = []
+    for (node, host, path, error), ranks in faults.items():
+        who = f"node {node} (host {host}, rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+        said.append(f"{who} cannot write its --save_dir {path} ({error})" if error else
+                    f"{who} writes its --save_dir {path} but its files are not in rank 0's {here['save_dir']} "
+                    f"(node {here['node']}, host {here['host']})")
+    return (f"--save_dir is not one directory for every node: {'; '.join(said)}; every rank writes its checkpoint "
+            "shards there and rank 0 commits them, so each node would hold only part of a checkpoint: put "
+            "--save_dir on a filesystem shared by every node (NFS, Lustre, ...), writable by the run, and give every node "
+            "the same path")
+
 def compute_dtype_name(args: RunOptions):
     return args.dtype or ("bf16" if args.device == "cuda" else "fp32")
 
@@ -213,3 +337,45 @@ def check_execution(args: RunOptions, plan: Plan, plan_path):
     reason = unsupported(args.execution(), plan.mesh["pp"], plan.zero["level"], compute_dtype_name(args))
     if reason:
         raise RunError(f"{plan_path}: {reason}; drop the flag (--dtype bf16 for compiled layers) or recompile the plan")
+
+
+# ---- the data against the plan -----------------------------------------------------------------------------
+def check_document_masking(plan: Plan, plan_path, rows, flag, dataset_path):
+    """A dataset whose rows pack several documents (position ids restarting at 0 inside a row, so the
+    model attends within each document) runs only under a plan compiled for it: document-masked
+    attention computes every score of its S x S mask (no causal skipping), which a plan without
+    `search_inputs.document_masking` did not cost. The reverse (a plan for packed rows, plain rows)
+    only overestimates, and runs."""
+    if rows.has_restarts() and not plan.search_inputs.get("document_masking", False):
+        raise RunError(f"{flag} {dataset_path} packs several documents per row (its position_ids restart at 0 inside "
+                       f"rows) but the plan {plan_path} was compiled without document masking "
+                       "(search_inputs.document_masking is not true), so it did not cost the masked attention; "
+                       "recompile the plan with --document_masking on")
+
+
+# ---- LoRA: the plan's -------------------------------------------------------------------------------------
+def adopt_plan_lora(args: RunOptions, plan: Plan, plan_path):
+    """The run's LoRA options are the plan's (`plan.lora`, which the cost model priced: frozen base,
+    trainable adapters): each one the run leaves at its default takes the plan's value, and one the
+    run sets to another value is refused. A plan without `lora` trains every weight."""
+    defaults = LoraOptions()
+    if plan.lora is None:
+        if args.lora_rank:
+            raise RunError(f"--lora_rank {args.lora_rank}: the plan {plan_path} was compiled without LoRA (it trains "
+                           f"every weight); recompile it with --lora_rank {args.lora_rank} (and the other --lora_* "
+                           "flags) or leave the LoRA flags out")
+        return
+    for key, name in LORA_FIELDS.items():
+        planned = ",".join(plan.lora[key]) if key == "targets" else plan.lora[key]
+        value = getattr(args, name)
+        if value == getattr(defaults, name):
+            setattr(args, name, planned)
+            continue
+        same = (parse_lora_targets(value) == tuple(plan.lora[key])) if key == "targets" else value == planned
+        if not same:
+            raise RunError(f"--{name} {value} differs from the {planned} the plan {plan_path} was compiled for; leave "
+                           "the flag out (the plan's is used) or recompile the plan with it")
+    if plan.mesh["tp"] > 1 and args.lora_dropout > 0:
+        raise RunError(f"{plan_path}: --lora_dropout {args.lora_dropout} with tensor parallelism (mesh.tp = "
+                       f"{plan.mesh['tp']}) cannot be executed (the ranks' dropout masks of one input would differ); "
+                       "recompile the plan (the search then leaves tensor parallelism out) or use --lora_dropout 0")

@@ -2,9 +2,12 @@
 over the ranks, the gradient norm and clipping, the check for non-finite values, AdamW.
 
 The objective of a step, whatever the plan: J = sum over the global batch's micro-batches of
-CE_sum(mb) / TOKENS + aux(mb) / MICROBATCHES, where TOKENS counts the predicted tokens of the whole
-global batch. Each rank backpropagates its share and gradients are summed across data-parallel
-ranks, so every plan computes the gradient of the same J as a single process does.
+CE_sum(mb) / TOKENS + aux(mb) / MICROBATCHES, where CE_sum sums the cross-entropy of the next-token
+targets (the labels; -100 marks a position that is no target: a prompt, padding) and TOKENS counts
+the targets of the whole global batch, so the cross-entropy part is the mean over every target of
+the batch however its rows spread over micro-batches and ranks. Each rank backpropagates its share
+and gradients are summed across data-parallel ranks, so every plan computes the gradient of the
+same J as a single process does.
 """
 
 import functools
@@ -74,10 +77,11 @@ class StepShape:
 
 
 def forward_backward_step(model, local_batch, shape: StepShape, args):
-    """Forward and backward of a model without pipeline stages over this rank's micro-batches; returns
-    this rank's (cross-entropy part, balance-loss part) of J as float64 scalars."""
-    ce_total = torch.zeros((), dtype=torch.float64, device=local_batch.device)
-    aux_total = torch.zeros((), dtype=torch.float64, device=local_batch.device)
+    """Forward and backward of a model without pipeline stages over this rank's micro-batches (a
+    data.Batch); returns this rank's (cross-entropy part, balance-loss part) of J as float64 scalars."""
+    device = local_batch.input_ids.device
+    ce_total = torch.zeros((), dtype=torch.float64, device=device)
+    aux_total = torch.zeros((), dtype=torch.float64, device=device)
     micro_batches = local_batch.split(shape.micro_batch_size)
     for i, mb in enumerate(micro_batches):
         if args.defer_grad_sync:
@@ -94,25 +98,49 @@ def forward_backward_step(model, local_batch, shape: StepShape, args):
     return ce_total, aux_total
 
 
-def micro_batch_loss(model, input_ids, ce_chunk_tokens):
-    """(summed next-token cross-entropy, balance loss or None) of one micro-batch: over full logits,
-    or from the final hidden states `ce_chunk_tokens` positions at a time."""
+def micro_batch_loss(model, batch, ce_chunk_tokens):
+    """(summed next-token cross-entropy over the batch's targets, balance loss or None) of one
+    micro-batch (a data.Batch): over full logits, or from the final hidden states `ce_chunk_tokens`
+    positions at a time. Its position ids, when it has them, reach the model (rotary positions, and
+    attention within each packed document); without them the call is the plain one."""
+    targets = batch.targets()
     if ce_chunk_tokens:
-        loss = functools.partial(chunked_lm_loss_sum, input_ids_BS=input_ids, chunk_tokens=ce_chunk_tokens)
-        return getattr(model, spec.FORWARD_WITH_HEAD)(input_ids, loss)
-    out = model(input_ids=input_ids)
+        loss = functools.partial(chunked_lm_loss_sum, labels_BS=targets, chunk_tokens=ce_chunk_tokens)
+        return getattr(model, spec.FORWARD_WITH_HEAD)(batch.input_ids, loss, position_ids=batch.position_ids)
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids)
     # the float32 logits go with `out`: autograd keeps only what the backward needs
-    return lm_loss_sum(out.logits, input_ids), out.aux_loss
+    return lm_loss_sum(out.logits, targets), out.aux_loss
 
 
-def pipeline_step(pipeline, local_batch):
+def pipeline_step(pipeline, local_batch, shape: StepShape):
     """Forward and backward of this rank's pipeline stages; the same two parts of J as above (the
     cross-entropy part lives on the last stage, the balance-loss part on every stage with MoE)."""
-    ce = pipeline.step(local_batch, local_batch)
-    device = local_batch.device
+    ce = pipeline.step(local_batch.input_ids, local_batch.targets(), position_ids=local_batch.position_ids,
+                       tokens=shape.tokens)
+    device = local_batch.input_ids.device
     ce_part = torch.zeros((), dtype=torch.float64, device=device) + (0.0 if ce is None else float(ce))
     aux_part = torch.zeros((), dtype=torch.float64, device=device) + float(pipeline_aux_loss(pipeline.stage_modules))
     return ce_part, aux_part
+
+
+def forward_only_loss_sum(model, local_batch, shape: StepShape, args):
+    """This rank's summed next-token cross-entropy of its share of an eval batch: the forward only
+    (no graph is kept), micro-batch by micro-batch as in training; float64 scalar. The caller puts the
+    model in eval mode (no dropout, no balance loss)."""
+    total = torch.zeros((), dtype=torch.float64, device=local_batch.input_ids.device)
+    with torch.no_grad():
+        for mb in local_batch.split(shape.micro_batch_size):
+            ce_sum, _ = micro_batch_loss(model, mb, args.ce_chunk_tokens)
+            total += ce_sum.double()
+    return total
+
+
+def pipeline_forward_only_loss_sum(pipeline, local_batch):
+    """The same for pipeline stages (the schedule's forward-only pass): the sum on the rank holding
+    the last stage, zero elsewhere; float64 scalar."""
+    with torch.no_grad():
+        ce = pipeline.eval_loss_sum(local_batch.input_ids, local_batch.targets(), position_ids=local_batch.position_ids)
+    return torch.zeros((), dtype=torch.float64, device=local_batch.input_ids.device) + (0.0 if ce is None else float(ce))
 
 
 def defer_grad_sync(model, last_microbatch):
@@ -168,9 +196,40 @@ def global_norm(params, tensors, run_mesh, expert_params):
     return total.sqrt(), local_grads
 
 
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+
+
+def lr_factor(args):
+    """The learning rate of step s (0-based) as a multiple of --lr, f(s): linear warmup
+    (s + 1) / W over the first W = max(1, --warmup_steps) steps, reaching --lr at step W - 1; then
+    constant, or a cosine or linear decay that reaches --min_lr at the last step, --max_steps - 1
+    (progress (s - W + 1) / (max_steps - W), held at 1 beyond it). A plain function of the step (no
+    state of its own), so a resumed run, whose schedule restores its step, continues it from there
+    under the run's flags. Refuses a --min_lr above --lr for a decaying schedule."""
+    from options import OptionError
+    kind, warmup, max_steps = args.lr_scheduler, max(1, args.warmup_steps), args.max_steps
+    if kind not in LR_SCHEDULERS:
+        raise OptionError(f"--lr_scheduler {kind}: choose one of {', '.join(LR_SCHEDULERS)}")
+    if kind != "constant" and args.min_lr > args.lr:
+        raise OptionError(f"--min_lr {args.min_lr} is above --lr {args.lr}: a {kind} schedule decays from --lr down "
+                          "to --min_lr; give a --min_lr of at most --lr")
+    floor = args.min_lr / args.lr if args.lr > 0 else 0.0
+    decay_steps = max_steps - warmup
+
+    def factor(step):
+        if step < warmup - 1 or kind == "constant" or decay_steps <= 0:
+            return min(1.0, (step + 1) / warmup)
+        progress = min(1.0, (step - warmup + 1) / decay_steps)
+        remaining = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return floor + (1.0 - floor) * remaining
+
+    return factor
+
+
 def build_optimizer(params, args):
     """AdamW (betas 0.9 / 0.95) in fp32 on the master weights, one parameter group per device mesh so
-    that the fused multi-tensor path never mixes DTensors of different meshes, and the linear warmup."""
+    that the fused multi-tensor path never mixes DTensors of different meshes, and the learning-rate
+    schedule (lr_factor: warmup, then constant, cosine or linear)."""
     groups = {}
     for p in params:
         key = id(p.device_mesh) if isinstance(p, DTensor) else None
@@ -179,8 +238,7 @@ def build_optimizer(params, args):
     # fp32 state (the optimizer step reads and writes 16 bytes of state per parameter)
     optimizer = torch.optim.AdamW([{"params": g} for g in groups.values()], lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, eps=1e-8, fused=True if args.fused_adamw else None)
-    warmup = max(1, args.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args))
     return optimizer, scheduler
 
 

@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from errors import UserError
+from modeling import spec
 from modeling.loading import initial_value
 
 
@@ -29,8 +30,10 @@ def _local_piece(full, param, expert_slice):
 
 def materialize(model, config, device, seed, checkpoint=None):
     """Allocates the meta model's parameters on `device` and fills them: from `checkpoint` (a
-    modeling.hf_adapter.WeightReader) or the seeded initialisation. Expert-parallel modules say
-    which experts they hold (expert_offset, num_local_experts, num_experts)."""
+    modeling.hf_adapter.WeightReader) or the seeded initialisation; LoRA adapters always from their
+    seeded initialisation (spec.lora_initial_value). Each parameter keeps the dtype it has on meta
+    (frozen LoRA base weights the compute dtype). Expert-parallel modules say which experts they
+    hold (expert_offset, num_local_experts, num_experts)."""
     expert_slices = {}
     for module_name, module in model.named_modules():
         offset = getattr(module, "expert_offset", None)
@@ -45,7 +48,9 @@ def materialize(model, config, device, seed, checkpoint=None):
             expert_slice, num_experts = expert_slices.get(name, (None, None))
             if expert_slice is not None:
                 full_shape = (num_experts,) + full_shape[1:]
-            if checkpoint is not None:
+            if spec.is_lora_parameter(name):  # adapters start as PEFT's, whatever the base weights are
+                full = spec.lora_initial_value(name, full_shape, seed, device=device)
+            elif checkpoint is not None:
                 full = checkpoint.full(name)
             else:
                 full = initial_value(name, full_shape, config, seed, device=device)

@@ -27,3 +27,21 @@ def test_demo_runs_end_to_end(tmp_path):
         assert all(key in r for r in records), key
     assert records[-1]["loss"] < records[0]["loss"]
     assert list((out_dir / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_finetuning_demo_runs_end_to_end(tmp_path):
+    """README's fine-tuning example: instruction data -> LoRA plan -> 2-process run with validation ->
+    PEFT adapter and merged checkpoint, both reproducing the run's validation loss."""
+    out_dir = tmp_path / "demo_ft"
+    result = subprocess.run([sys.executable, "demo_finetune.py", "--out_dir", str(out_dir), "--steps", "20"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "fine-tuning demo finished" in result.stdout
+    import json
+    records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(evals) == 2  # step 10 and the last step
+    assert (out_dir / "adapter" / "adapter_config.json").exists()
+    assert json.loads((out_dir / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (out_dir / "merged" / "model.safetensors.index.json").exists()

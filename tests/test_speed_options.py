@@ -177,10 +177,8 @@ def _plan(config, **kw):
     ({"compile": "layer"}, {}, "needs bf16 compute"),
     ({"compile": "all"}, {}, "--compile all: choose one of"),
     ({"attention": "magic"}, {}, "--attention magic: choose one of"),
-    ({"ce_chunk_tokens": 64}, {"pp": 2}, "--ce_chunk_tokens applies to plans without pipeline stages"),
     ({"ce_chunk_tokens": -1}, {}, "must be 0"),
     ({"defer_grad_sync": True}, {"dp": 2, "zero": 3}, "--defer_grad_sync needs a plan with ZeRO 0"),
-    ({"defer_grad_sync": True}, {"pp": 2}, "--defer_grad_sync needs a plan with ZeRO 0 and no pipeline"),
 ])
 def test_speed_options_are_checked_before_any_work(options, plan_kw, message):
     args = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1, device="cpu", **options)
