@@ -108,6 +108,28 @@ def losses(results):
     return [r["loss"] for r in results[0]["records"]]
 
 
+def write_tiny_v2(root, num_hidden_layers):
+    """configs/tiny-deepseek-v2 with `num_hidden_layers` layers, as a config.json-only directory under
+    `root`; returns (its path, its config fields)."""
+    with open(os.path.join(REPO, "configs", "tiny-deepseek-v2", "config.json")) as f:
+        fields = json.load(f)
+    fields["num_hidden_layers"] = num_hidden_layers
+    model_dir = os.path.join(str(root), f"tiny{num_hidden_layers}")
+    os.makedirs(model_dir)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(fields, f)
+    return model_dir, fields
+
+
+def write_random_rows(path, vocab_size, rows, seq_len, seed=0):
+    """A pretraining dataset of `rows` random token rows (column input_ids) saved with save_to_disk at
+    `path`; returns the path."""
+    import datasets
+    ids = torch.randint(0, vocab_size, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
+    datasets.Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(str(path))
+    return str(path)
+
+
 def save_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f)

@@ -42,7 +42,6 @@ float32. tests/test_speed_options.py compares compiled with eager layers on one 
 
 import dataclasses
 import itertools
-import json
 import os
 from dataclasses import dataclass
 
@@ -55,7 +54,7 @@ from compiler.execution import LOSS_CHUNK_TOKENS, attention_choices, unsupported
 from modeling import load_config
 from options import ExecutionOptions
 from runtime.mesh import free_port
-from tests.runtime_harness import REPO, gather_parameters, losses, make_plan
+from tests.runtime_harness import REPO, gather_parameters, losses, make_plan, write_random_rows, write_tiny_v2
 
 SEQ, MICRO, GLOBAL, STEPS = 32, 2, 8, 3
 # 13 positions per chunk split a micro-batch's 2 x 31 predicting positions into several chunks with a
@@ -270,17 +269,9 @@ def _run_batch(runs, world, model_dir, data_dir, out_dir):
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     """Every run of RUNS and the one-process reference: one launch per world size."""
-    import datasets
     root = tmp_path_factory.mktemp("execution_table")
-    with open(os.path.join(REPO, "configs", "tiny-deepseek-v2", "config.json")) as f:
-        fields = json.load(f)
-    fields["num_hidden_layers"] = 4
-    model_dir = root / "tiny4"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps(fields))
-    ids = torch.randint(0, fields["vocab_size"], (64, SEQ), generator=torch.Generator().manual_seed(0))
-    data_dir = str(root / "data")
-    datasets.Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(data_dir)
+    model_dir, fields = write_tiny_v2(root, 4)
+    data_dir = write_random_rows(root / "data", fields["vocab_size"], 64, SEQ)
     results = _run_batch({REFERENCE: Run(1, {}, {})}, 1, str(model_dir), data_dir, str(root / "world1"))
     for world in sorted({run.world for run in RUNS.values()}):
         batch = {name: run for name, run in RUNS.items() if run.world == world}

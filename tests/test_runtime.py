@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modeling import load_config
-from tests.runtime_harness import REPO, gather_parameters, losses, make_plan, run_plan
+from tests.runtime_harness import REPO, gather_parameters, losses, make_plan, run_plan, write_random_rows, write_tiny_v2
 
 SEQ, MICRO, GLOBAL = 32, 2, 8
 
@@ -19,17 +19,9 @@ SEQ, MICRO, GLOBAL = 32, 2, 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 4-layer tiny DeepSeek-V2 (so that 2 stages x 2 chunks is possible) and a random-token dataset."""
-    import datasets
     root = tmp_path_factory.mktemp("runtime")
-    with open(os.path.join(REPO, "configs", "tiny-deepseek-v2", "config.json")) as f:
-        fields = json.load(f)
-    fields["num_hidden_layers"] = 4
-    model_dir = root / "tiny4"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps(fields))
-    ids = torch.randint(0, fields["vocab_size"], (64, SEQ), generator=torch.Generator().manual_seed(0))
-    data_dir = str(root / "data")
-    datasets.Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(data_dir)
+    model_dir, fields = write_tiny_v2(root, 4)
+    data_dir = write_random_rows(root / "data", fields["vocab_size"], 64, SEQ)
     config = load_config(str(model_dir))
     reference = run_plan(make_plan(config, str(model_dir), seq_len=SEQ, micro_batch_size=MICRO,
                                    global_batch_size=GLOBAL), 1, str(model_dir), data_dir, str(root / "reference"))

@@ -23,7 +23,7 @@ from modeling.training_form import (
 from runtime.loss import chunked_lm_loss_sum, lm_loss_sum
 from runtime.preflight import RunError, check_execution
 from runtime.trainer import RunArgs
-from tests.runtime_harness import REPO, gather_parameters, losses, make_plan, run_plan
+from tests.runtime_harness import REPO, gather_parameters, losses, make_plan, run_plan, write_random_rows
 
 CONFIGS = os.path.join(REPO, "configs")
 
@@ -217,10 +217,8 @@ def test_fused_adamw_flag_reaches_the_optimizer():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    import datasets
     root = tmp_path_factory.mktemp("speed")
-    ids = torch.randint(0, 512, (32, 32), generator=torch.Generator().manual_seed(0))
-    datasets.Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(str(root / "data"))
+    write_random_rows(root / "data", 512, 32, 32)
     return root
 
 

@@ -9,7 +9,7 @@ import torch
 
 from modeling import build_model, load_config
 from modeling.training_form import apply_training_form
-from tests.runtime_harness import REPO, gather_parameters, losses, make_plan, run_plan
+from tests.runtime_harness import REPO, gather_parameters, losses, make_plan, run_plan, write_random_rows
 
 MODEL = os.path.join(REPO, "configs", "tiny-deepseek-v2")
 
@@ -52,10 +52,8 @@ def test_the_kept_units_are_not_resharded_after_forward(monkeypatch):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    import datasets
     root = tmp_path_factory.mktemp("zero3_keep")
-    ids = torch.randint(0, 512, (32, 32), generator=torch.Generator().manual_seed(0))
-    datasets.Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(str(root / "data"))
+    write_random_rows(root / "data", 512, 32, 32)
     return root
 
 
