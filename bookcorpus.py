@@ -508,6 +508,20 @@ def check_save_path(save_path: str | os.PathLike) -> Path:
     return path
 
 
+def save_rows(arrow_path, save_path):
+    """The rows of the Arrow file `arrow_path` saved with save_to_disk at `save_path` (a failure to
+    write is one line naming --save_path); the file's memory map is closed before returning, so the
+    caller may remove it."""
+    rows = datasets.Dataset.from_file(arrow_path)
+    try:
+        rows.save_to_disk(str(save_path))
+    except OSError as e:  # disk full, permissions, a file in the way
+        raise BookcorpusError(f"--save_path {save_path}: could not write the rows ({type(e).__name__}: "
+                              f"{e.strerror or e}); free space or pass another directory") from None
+    finally:
+        del rows  # close the memory map before the temporary file is removed
+
+
 def tokenize_and_chunk(
     documents: datasets.Dataset,
     tokenizer,
@@ -550,14 +564,7 @@ def tokenize_and_chunk(
                 f"tokens (BOS and EOS included), fewer than --sequence_length {sequence_length}, so no "
                 f"row can be made; pass a smaller --sequence_length or more data"
             )
-        rows = datasets.Dataset.from_file(arrow_path)
-        try:
-            rows.save_to_disk(str(save_path))
-        except OSError as e:  # disk full, permissions, a file in the way
-            raise BookcorpusError(f"--save_path {save_path}: could not write the rows ({type(e).__name__}: "
-                                  f"{e.strerror or e}); free space or pass another directory") from None
-        finally:
-            del rows  # close the memory map before the temporary file is removed
+        save_rows(arrow_path, save_path)
     return stats
 
 

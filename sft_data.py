@@ -689,14 +689,7 @@ def prepare_sft(
                 f"({dropped_long} dropped with --drop_long, {dropped_no_response} with no response token "
                 f"within the row); pass a larger --sequence_length, or leave out --drop_long"
             )
-        rows = datasets.Dataset.from_file(arrow_path)
-        try:
-            rows.save_to_disk(str(save_path))
-        except OSError as e:  # disk full, permissions, a file in the way
-            raise BookcorpusError(f"--save_path {save_path}: could not write the rows ({type(e).__name__}: "
-                                  f"{e.strerror or e}); free space or pass another directory") from None
-        finally:
-            del rows  # close the memory map before the temporary file is removed
+        bookcorpus.save_rows(arrow_path, save_path)
     return SftStats(
         examples=examples,
         rows=writer.rows,
