@@ -100,16 +100,23 @@ def from_hf(state_dict, num_experts):
 def to_hf(state_dict, num_experts):
     """Training-form names -> Hugging Face names, stacked experts split back (copies, so that each
     tensor owns its memory, as safetensors requires)."""
+    return _split_stacked(state_dict, num_experts, hf_sources)
+
+
+def _split_stacked(state_dict, num_experts, sources_of):
+    """{name: tensor} -> {target name: tensor} by `sources_of(name, num_experts)` = [(target name, index
+    into the tensor)]: a tensor with one target and no index keeps its value, a stacked one is split
+    into copies of its experts' slices."""
     out = {}
-    for key, value in state_dict.items():
-        sources = hf_sources(key, num_experts)
+    for name, value in state_dict.items():
+        sources = sources_of(name, num_experts)
         if len(sources) == 1 and sources[0][1] == ():
-            out[key] = value
+            out[sources[0][0]] = value
             continue
         if value.shape[0] != num_experts:
-            raise ValueError(f"{key}: first dim {value.shape[0]} != n_routed_experts {num_experts}")
-        for hf_name, index in sources:
-            out[hf_name] = value[index].clone()
+            raise ValueError(f"{name}: first dim {value.shape[0]} != n_routed_experts {num_experts}")
+        for target, index in sources:
+            out[target] = value[index].clone()
     return out
 
 
@@ -203,17 +210,7 @@ def lora_modules(training_names, num_experts):
 def lora_to_peft(state_dict, num_experts):
     """Training-form adapters -> PEFT keys, the stacked expert adapters split per expert (copies, so
     that each tensor owns its memory, as safetensors requires)."""
-    out = {}
-    for name, value in state_dict.items():
-        sources = lora_peft_sources(name, num_experts)
-        if sources[0][1] == ():
-            out[sources[0][0]] = value
-            continue
-        if value.shape[0] != num_experts:
-            raise ValueError(f"{name}: first dim {value.shape[0]} != n_routed_experts {num_experts}")
-        for key, index in sources:
-            out[key] = value[index].clone()
-    return out
+    return _split_stacked(state_dict, num_experts, lora_peft_sources)
 
 
 def lora_from_peft(state_dict, num_experts):
