@@ -337,8 +337,7 @@ def _document_groups(mask, total_tokens, device):
     cached = mask.kernel_cache.get("document_groups")
     if cached is not None:
         return cached
-    cu_seqlens, _ = mask.packed_sequences()
-    bounds = cu_seqlens.tolist()
+    bounds = mask.document_bounds()
     by_width = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
         width = max(DOCUMENT_MIN_WINDOW, 1 << (end - start - 1).bit_length())

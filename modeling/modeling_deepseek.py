@@ -329,22 +329,31 @@ class AttentionMask:
 
     key_padding_BS: Optional[torch.Tensor] = None
     document_ids_BS: Optional[torch.Tensor] = None
-    _packed: Optional[Tuple[torch.Tensor, int]] = field(default=None, repr=False)
+    _packed: Optional[Tuple[torch.Tensor, int, List[int]]] = field(default=None, repr=False)
     # what attention kernels derive from the mask once per forward and share across layers
     kernel_cache: dict = field(default_factory=dict, repr=False)
 
     def packed_sequences(self):
         """(cu_seqlens int32 [N + 1], max_seqlen) of the N documents of the B * S tokens flattened
         row after row (a row's end also ends its last document): the form flash-attn's varlen kernels
-        take. Computed on the first call (one wait for the device, for max_seqlen) and kept, so the
-        layers of a forward share it."""
+        take. Computed on the first call and kept, so the layers of a forward share it."""
+        cu_seqlens, max_seqlen, _ = self._documents()
+        return cu_seqlens, max_seqlen
+
+    def document_bounds(self):
+        """cu_seqlens as a host list (document d is tokens [bounds[d], bounds[d + 1]) of the flattened
+        rows), from the same one read of the device as packed_sequences."""
+        return self._documents()[2]
+
+    def _documents(self):
         if self._packed is None:
             docs = self.document_ids_BS
             starts = torch.ones_like(docs, dtype=torch.bool)
             starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
             offsets = torch.nonzero(starts.reshape(-1)).reshape(-1)
             cu_seqlens = torch.cat([offsets, offsets.new_full((1,), docs.numel())]).to(torch.int32)
-            self._packed = (cu_seqlens, int(torch.diff(cu_seqlens).max()))
+            bounds = cu_seqlens.tolist()  # the one copy to the host: max_seqlen and the kernels' regrouping
+            self._packed = (cu_seqlens, max(b - a for a, b in zip(bounds[:-1], bounds[1:])), bounds)
         return self._packed
 
 
