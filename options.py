@@ -112,7 +112,8 @@ class ExecutionOptions(Options):
     attention: Optional[str] = option(
         None, "attention kernel: sdpa lets PyTorch choose; sdpa_flash_padded forces its flash kernel (MLA's "
               "128-wide values zero-padded to the 192-wide query/key head); sdpa_efficient, sdpa_cudnn force "
-              "those kernels (CUDA only); flash needs the flash-attn package. Unset: flash if installed, else sdpa",
+              "those kernels (CUDA only); flex runs packed documents through FlexAttention on CUDA (whole rows as "
+              "sdpa); flash needs the flash-attn package. Unset: flash if installed, else sdpa",
         "execution", choices=ATTENTION_KERNELS)
     compile: str = option(
         "none", "torch.compile of each decoder layer's forward (layer), the same with the routed experts left "

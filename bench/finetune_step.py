@@ -70,6 +70,56 @@ def write_packed_dataset(out_dir, vocab_size, seq_len, rows, seed=0, prompt_shar
     return path
 
 
+KERNEL_KINDS = (("grouped GEMM", ("grouped", "group_gemm", "GroupProblem")), ("attention", ("fmha", "flash", "cudnn", "attention")),
+                ("GEMM", ("gemm", "nvjet", "sm90_xmma", "cutlass")), ("gather/scatter", ("index", "gather", "scatter")),
+                ("compiled (triton)", ("triton",)), ("copy", ("copy", "Memcpy", "Memset", "cat")))
+
+
+def kernel_kind(name):
+    lowered = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k.lower() in lowered for k in keys):
+            return kind
+    return "other"
+
+
+def kernel_summary(profiler, timed_wall_s, timed_steps):
+    """What the GPU did over the timed steps (the last `timed_wall_s` seconds of kernels the profiler
+    saw): the share of that time some kernel ran (the rest: the GPU waiting for the host), and kernel
+    time per step by kind and by kernel."""
+    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        return "profile: no CUDA kernels recorded"
+    end = max(e.time_range.end for e in kernels)
+    start = end - timed_wall_s * 1e6
+    spans = sorted((max(e.time_range.start, start), e.time_range.end, e.name) for e in kernels if e.time_range.end > start)
+    busy, reach = 0.0, start
+    by_kind, by_name = {}, {}
+    for s, e, name in spans:
+        busy += max(0.0, e - max(s, reach))
+        reach = max(reach, e)
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + (e - s)
+        by_name[name] = by_name.get(name, 0.0) + (e - s)
+    per_step = 1e3 * timed_steps
+    gaps, previous = {}, None  # the GPU's idle spans between kernels, by the kernels around them
+    for s, e, name in spans:
+        if previous is not None and s - previous[0] > 50:
+            key = (previous[1][:60], name[:60])
+            total, count = gaps.get(key, (0.0, 0))
+            gaps[key] = (total + s - previous[0], count + 1)
+        if previous is None or e > previous[0]:
+            previous = (e, name)
+    lines = [f"profile over the {timed_steps} timed steps: GPU busy {100 * busy / (end - start):.1f} % of "
+             f"{timed_wall_s / timed_steps * 1e3:.1f} ms per step; kernel ms per step by kind:"]
+    lines += [f"  {kind:20s} {t / per_step:8.2f}" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    lines.append("top kernels, ms per step:")
+    lines += [f"  {t / per_step:8.2f}  {name[:110]}" for name, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]]
+    lines.append("largest GPU idle spans (> 50 us), ms per step: after kernel -> before kernel (count per step)")
+    lines += [f"  {t / per_step:8.2f}  ({n / timed_steps:.0f}x)  {a}  ->  {b}"
+              for (a, b), (t, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:15]]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="See the module docstring for the setup and the MFU definition.")
@@ -155,9 +205,9 @@ def main(argv=None):
             dist.destroy_process_group()
         if profiler is not None:
             profiler.__exit__(None, None, None)
-    if profiler is not None:  # every step, compile warm-up included: the ranking is what it is for
-        print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     timed = records[args.warmup:] or records
+    if profiler is not None:
+        print(kernel_summary(profiler, sum(r["step_time_s"] for r in timed), len(timed)), flush=True)
     key = "step_time_cuda_s" if "step_time_cuda_s" in timed[0] else "step_time_s"
     step = statistics.median(r[key] for r in timed)
     tokens = timed[0]["tokens"]

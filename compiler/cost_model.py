@@ -61,6 +61,9 @@ ATTENTION_OPS = {"aten._scaled_dot_product_efficient_attention": (0, 2),
                  "aten._scaled_dot_product_efficient_attention_backward": (1, 3)}
 # Attention options whose kernel pads MLA's value head to the query/key width (modeling/kernels.py).
 PADDED_ATTENTION = ("sdpa_flash_padded", "flash")
+# kernels that take packed documents as they lie (no regrouping into windows): flash-attn's varlen
+# form, FlexAttention's block mask
+DOCUMENT_NATIVE_ATTENTION = ("flash", "flex")
 # Mixed precision without ZeRO sharding: per micro-batch, each parameter is cast to bf16 (read 4,
 # write 2 bytes) and its bf16 gradient accumulated into the float32 one (read 2 + 4, write 4).
 CAST_BYTES_PER_PARAM = 16
@@ -325,8 +328,12 @@ class CostModel:
     def _family_time(self, family, cost: FamilyCost, tp, ep, kind_name=None):
         split = tp if spec.splits_with_tensor_parallel(family) else 1
         p = self.profile
-        fused = p.execution_factor("compiled_layer_bytes") \
-            if self.compiled_layers and kind_name in LAYER_KINDS else 1.0
+        fused = 1.0
+        if self.compiled_layers and kind_name in LAYER_KINDS:
+            # a LoRA run's layers (frozen base: no weight-gradient traffic) have their own figure where
+            # the profile measured one, else full training's
+            lora_figure = self.costs.lora and "compiled_layer_bytes_lora" in p.execution
+            fused = p.execution_factor("compiled_layer_bytes_lora" if lora_figure else "compiled_layer_bytes")
         # GEMM throughput is looked up by the GEMM's FLOPs (matmul curve) or rows per expert
         # (grouped curve); the profile's m/n/k arguments are used so that 2mnk == FLOPs.
         t = sum(p.matmul_time(f / split / 2, 1, 1, self.dtype) for f in cost.gemm_flops)
@@ -349,9 +356,14 @@ class CostModel:
         if self.document_masking and self.attention == "eager":
             # the eager kernel applies an explicit S x S mask, computing every score
             return (p.attention_masked or None), True
-        # the SDPA kernels regroup packed documents for their causal path (modeling/kernels.py:
-        # attention_by_document), flash-attn takes them as varlen sequences: causal work
-        return (self.attention if self.attention in p.attention else None), False
+        if self.attention == "flex" and not self.document_masking:
+            kernel = "sdpa"  # flex runs whole rows through sdpa's causal kernel
+        else:
+            # the SDPA kernels regroup packed documents for their causal path (modeling/kernels.py:
+            # attention_by_document), flash-attn takes them as varlen sequences, flex skips the tiles
+            # outside the documents: causal work
+            kernel = self.attention
+        return (kernel if kernel in p.attention else None), False
 
     def _attention_call_time(self, trace_flops, shape, forward, split):
         """Seconds of one traced attention op (the forward or the backward) as the kernel the run
@@ -376,12 +388,15 @@ class CostModel:
                 t += p.memory_time(scores * (2 + cb))
             # the kernel reads the additive mask for every head: once forward, twice backward
             t += p.memory_time(scores * heads * cb * (1 if forward else 2))
-        elif self.document_masking:
+        elif self.document_masking and self.attention not in DOCUMENT_NATIVE_ATTENTION:
             # regrouping (attention_by_document): q, k, v gathered into document windows and the output
             # gathered back (each read and written), forward; the same traffic of the gradients backward.
             # The causal work above is priced over whole rows: documents in power-of-two windows do about
-            # that much (between half and twice it, with the mix of lengths)
+            # that much (between half and twice it, with the mix of lengths). Beside the traffic, its
+            # per-call cost (the windows' several kernel calls, the host's work): the profile's
+            # document_regroup_ms per layer, forward + backward, split 1 : 2
             t += p.memory_time(2 * batch * heads * seq * (2 * d_qk + 2 * d_v) * cb)
+            t += p.execution.get("document_regroup_ms", 0.0) * 1e-3 * (1 / 3 if forward else 2 / 3)
         return t
 
     def _loss_chunks(self):
@@ -394,10 +409,11 @@ class CostModel:
         logit's bytes once in the fused kernel, and with several chunks the float32 accumulation of
         the head's weight gradient (the first chunk's cast, then per chunk its partial read and the
         accumulator read and written). Backward: both stored gradients scaled by the incoming one
-        and the weight gradient cast to the weight's dtype."""
+        and the weight gradient cast to the weight's dtype. A LoRA run's head is frozen: no weight
+        gradient is computed, accumulated or cast."""
         c, p = self.costs, self.profile
         cb, chunks = c.compute_bytes, self._loss_chunks()
-        weight = c.vocab_size * c.hidden_size
+        weight = 0 if c.lora else c.vocab_size * c.hidden_size
         if phase == "bwd":
             scale = 2 * (FP32 if chunks > 1 else cb) + (FP32 + cb if chunks > 1 else 0)
             return p.memory_time(scale * weight) + p.memory_time(2 * cb * c.batch_size * c.seq_len * c.hidden_size)
@@ -564,7 +580,8 @@ class CostModel:
             return FULL_LOSS_FP32_COPIES * FP32 * c.batch_size * c.seq_len * c.vocab_size
         chunk = min(self.loss_chunk_tokens, c.batch_size * (c.seq_len - 1))
         per_logit = 2 * c.compute_bytes + (CHUNKED_LOSS_EAGER_EXTRA_BYTES if self.profile.name == "cpu" else 0)
-        return per_logit * chunk * c.vocab_size + c.compute_bytes * c.vocab_size * c.hidden_size
+        weight_grad = 0 if c.lora else c.compute_bytes * c.vocab_size * c.hidden_size  # LoRA: the head is frozen
+        return per_logit * chunk * c.vocab_size + weight_grad
 
     def _kept_gathered(self, blocks):
         """Indices of `blocks` whose gathered weights --zero3_keep_gathered keeps from forward to backward:
@@ -595,15 +612,15 @@ class CostModel:
         if block.name == "head" and self.loss_chunk_tokens:
             # the final norm's input, and what the chunked loss stores for its backward: the hidden
             # states' gradient and the head's weight gradient (float32 when accumulated over chunks);
-            # the chunks' logits are not kept
-            weight_bytes = FP32 if self._loss_chunks() > 1 else c.compute_bytes
+            # the chunks' logits are not kept; a LoRA run's frozen head has no weight gradient
+            weight_bytes = 0 if c.lora else (FP32 if self._loss_chunks() > 1 else c.compute_bytes)
             return block.input_bytes + c.compute_bytes * c.batch_size * (c.seq_len - 1) * c.hidden_size + \
                 weight_bytes * c.vocab_size * c.hidden_size
         saved = sum(b / (tp if spec.splits_with_tensor_parallel(f) and f != "experts" else 1)
                     for f, b in block.saved_bytes.items())
         if self.compiled_layers and block.name in LAYER_KINDS:
             # LoRA's compiled layers keep more of what eager keeps than full training's do (measured on
-            # an H200: 0.78 against 0.48); a profile without its own LoRA figure prices eager's (1.0)
+            # an H200: 0.665 against 0.484); a profile without its own LoRA figure prices eager's (1.0)
             saved *= self.profile.execution_factor("compiled_layer_saved_lora" if self.costs.lora
                                                    else "compiled_layer_saved")
         return saved + self._attention_saved_extra(block, tp)
@@ -616,7 +633,7 @@ class CostModel:
         for _, (batch, heads, seq, d_qk, d_v), _ in (cost.attention if cost is not None else []):
             if self.document_masking and self.attention == "eager":
                 extra += batch * seq * seq * cb
-            elif self.document_masking:
+            elif self.document_masking and self.attention not in DOCUMENT_NATIVE_ATTENTION:
                 # the kernel saves the regrouped q, k, v and output, their windows' padding beyond the
                 # tokens' own (about half of them, with power-of-two windows)
                 extra += 0.5 * batch * heads / tp * seq * (2 * d_qk + 2 * d_v) * cb

@@ -182,9 +182,15 @@ class Curve:
 EXECUTION_FACTORS = {
     "compiled_layer_bytes": "memory traffic of a decoder layer's non-GEMM ops under --compile layer, as a "
                             "fraction of the eager ops' traffic (fusion)",
+    "compiled_layer_bytes_lora": "the same for a LoRA run's layers (frozen base, adapters trained); absent: full "
+                                 "training's",
     "compiled_layer_saved": "activation bytes a compiled layer saves for its backward, as a fraction of the "
                             "eager layer's",
+    "compiled_layer_saved_lora": "the same for a LoRA run's layers (frozen base, adapters trained); absent: "
+                                 "eager's",
     "foreach_adamw": "time of the foreach AdamW step relative to the fused kernel's",
+    "document_regroup_ms": "milliseconds per layer, forward + backward, that regrouping packed documents for a "
+                           "causal kernel costs beyond the kernel itself (absent: 0)",
 }
 
 

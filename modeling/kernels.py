@@ -385,6 +385,64 @@ def attention_by_document(causal, query, key, value, mask, softmax_scale, dropou
     return out.view(B, S, H, -1).transpose(1, 2)
 
 
+# ---- packed documents by FlexAttention (CUDA) ----------------------------------------------------
+# FlexAttention runs the block-causal mask inside one fused kernel: a BlockMask, built once per
+# forward from the document ids (static shape [B, 1, S/128, S/128]), tells it which 128 x 128 tiles
+# are empty (skipped), full (no mask evaluated) or partial (the mask evaluated per score). Nothing
+# waits for the host and every shape is static, so compiled layers keep attention in their graph.
+# Its backward has no CPU implementation: off CUDA the documents are regrouped (the same result).
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention as _flex_attention
+except ImportError:  # an older torch
+    create_block_mask = _flex_attention = None
+_COMPILED_FLEX = []  # torch.compile(flex_attention), made on first use: flex is only fast compiled
+
+
+def flex_block_mask(mask):
+    """The BlockMask of `mask`'s packed documents (a query sees the earlier keys of its own document),
+    built on the first call of a forward and kept on the mask for every layer."""
+    cached = mask.kernel_cache.get("flex_block_mask")
+    if cached is None:
+        docs = mask.document_ids_BS
+        B, S = docs.shape
+
+        def same_document_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+        cached = create_block_mask(same_document_causal, B, None, S, S, device=docs.device, _compile=docs.is_cuda)
+        mask.kernel_cache["flex_block_mask"] = cached
+    return cached
+
+
+def flex_documents(query, key, value, mask, softmax_scale, compiled=True):
+    """Block-causal attention of packed documents by FlexAttention: [B, H, S, d_qk] x 2, [B, H, S, d_v]
+    -> [B, H, S, d_v]. compiled=False runs flex's unfused reference (forward only off CUDA)."""
+    if compiled and not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(_flex_attention, dynamic=False))
+    kernel = _COMPILED_FLEX[0] if compiled else _flex_attention
+    return kernel(query, key, value, block_mask=flex_block_mask(mask), scale=softmax_scale)
+
+
+def flex_attention(query, key, value, mask, softmax_scale, dropout_p, training):
+    """Packed documents (an AttentionMask with document ids, no padding) on CUDA by FlexAttention
+    (flex_documents); whole rows by sdpa's causal kernel; a padding mask, or a CPU, as sdpa_attention
+    does them (regrouped documents: the same result, as FlexAttention has no CPU backward)."""
+    if not (_documents_only(mask) and query.is_cuda):
+        return sdpa_attention(query, key, value, mask, softmax_scale, dropout_p, training)
+    if training and dropout_p:
+        raise ValueError(f"attention flex takes no attention dropout (the config's attention_dropout is {dropout_p}); "
+                         "use --attention sdpa")
+    return flex_documents(query, key, value, mask, softmax_scale)
+
+
+def _prepare_flex(mask):
+    """Builds the forward's BlockMask before the layers run (outside any compiled layer)."""
+    if _documents_only(mask) and mask.document_ids_BS.is_cuda:
+        flex_block_mask(mask)
+
+
+flex_attention.prepare_mask = _prepare_flex
+
+
 def _documents_only(mask):
     return isinstance(mask, AttentionMask) and mask.key_padding_BS is None and mask.document_ids_BS is not None
 
@@ -479,6 +537,8 @@ sdpa_cudnn_attention = _sdpa_forced("CUDNN_ATTENTION")
 ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash": flash_attention,
                       "sdpa_flash_padded": sdpa_flash_padded_attention,
                       "sdpa_efficient": sdpa_efficient_attention, "sdpa_cudnn": sdpa_cudnn_attention}
+if _flex_attention is not None:
+    ATTENTION_BACKENDS["flex"] = flex_attention
 
 
 def default_attention_backend():

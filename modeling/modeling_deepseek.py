@@ -377,6 +377,18 @@ def attention_mask_for(attention_mask_BS=None, position_ids_BS=None):
     return AttentionMask(key_padding_BS=attention_mask_BS, document_ids_BS=docs)
 
 
+def prepare_attention(mask, layers):
+    """Lets each attention kernel of `layers` derive what it needs from a forward's mask once, before
+    the layers run and outside any compiled layer: the kernel's optional `prepare_mask(mask)`, which
+    keeps its result in mask.kernel_cache."""
+    prepared = set()
+    for layer in layers:
+        prepare = getattr(getattr(layer.self_attn, "attention_fn", None), "prepare_mask", None)
+        if prepare is not None and prepare not in prepared:
+            prepare(mask)
+            prepared.add(prepare)
+
+
 def attention_allowed(mask, batch_size, seq_len, device):
     """bool [B, 1, S, S]: True where query i may attend key j (j <= i, and as `mask` says: None, an
     AttentionMask, or a [B, S] padding mask with 1 for tokens and 0 for padding)."""
@@ -668,6 +680,8 @@ class _DeepseekModelBody:
         # Padding and, when position_ids restart inside a row (packed documents), the documents;
         # None without either: the kernels' plain causal path.
         mask = attention_mask_for(attention_mask, position_ids)
+        if mask is not None:
+            prepare_attention(mask, self.layers)
         if position_ids is None:
             position_ids = torch.arange(S, device=device).unsqueeze(0).expand(B, S)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)

@@ -216,14 +216,21 @@ def test_a_profile_that_does_not_list_a_kernel_cannot_choose_it(tmp_path):
 
 def test_document_masking_prices_the_regrouped_documents_and_is_recorded(tmp_path):
     """Packed rows: the SDPA kernels run the documents regrouped for their causal path
-    (kernels.attention_by_document): the causal work plus the gathers' traffic and the windows'
-    padding kept for the backward, so a little slower and larger than plain causal attention and far
-    cheaper than an explicit S x S mask (what the eager kernel computes)."""
+    (kernels.attention_by_document): the causal work plus the gathers' traffic, the regrouping's
+    per-call cost (the profile's document_regroup_ms) and the windows' padding kept for the backward,
+    so slower and larger than plain causal attention; FlexAttention takes the documents as they lie
+    (no regrouping: cheaper than the regrouped kernels, no extra memory); the eager kernel computes
+    an explicit S x S mask, dearer than plain causal attention."""
     plain, packed = _cost_model(seq=256), _cost_model(seq=256, document_masking=True)
     masked = _kernel_time(packed, "eager")
+    assert masked > _kernel_time(plain, "eager")
     for kernel in ("sdpa", "sdpa_flash_padded"):
-        assert _kernel_time(plain, kernel) < _kernel_time(packed, kernel) < masked
+        assert _kernel_time(plain, kernel) < _kernel_time(packed, kernel)
+        assert _kernel_time(packed, "flex") < _kernel_time(packed, kernel)
         assert packed.attention_cost(kernel)[1] > plain.attention_cost(kernel)[1]
+    assert packed.attention_cost("flex")[1] == plain.attention_cost("flex")[1]
+    # whole rows: flex runs sdpa's causal kernel, priced as sdpa
+    assert _kernel_time(plain, "flex") == pytest.approx(_kernel_time(plain, "sdpa"))
     assert packed.with_execution(ExecutionOptions(attention="eager"))._attention_kernel()[1]
     assert not packed._attention_kernel()[1]
     masked = packed

@@ -490,3 +490,33 @@ def test_documents_regrouped_for_the_causal_kernel_equal_the_masked_attention(ke
     windows = mask.kernel_cache["document_groups"][0]
     widths = [width for _, _, width in windows]
     assert widths == sorted(set(widths)) and min(widths) == DOCUMENT_MIN_WINDOW and max(widths) == 128
+
+
+def test_flex_documents_equal_the_masked_attention():
+    """The flex kernel's FlexAttention path (CUDA's; its unfused reference here, forward only, as
+    FlexAttention has no CPU backward) gives the outputs of SDPA with the explicit block-causal mask
+    for documents of many lengths, and builds its BlockMask once per mask. On a CPU the flex kernel
+    runs packed documents regrouped, with their gradients (the regrouping test covers that path)."""
+    from modeling.kernels import ATTENTION_BACKENDS, flex_documents
+    from modeling.modeling_deepseek import attention_allowed, attention_mask_for
+    if "flex" not in ATTENTION_BACKENDS:
+        pytest.skip("this torch has no FlexAttention")
+    S = 80
+    lengths = [[1, 5, 33, 17, 24], [40, 2, 38], [80]]
+    positions = torch.tensor([[i for n in row for i in range(n)] for row in lengths])
+    mask = attention_mask_for(None, positions)
+    g = torch.Generator().manual_seed(22)
+    B, H, d_qk, d_v = len(lengths), 3, 24, 16
+    q, k = (torch.randn(B, H, S, d_qk, generator=g) for _ in range(2))
+    v = torch.randn(B, H, S, d_v, generator=g)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_allowed(mask, B, S, q.device), scale=0.2)
+    with torch.no_grad():
+        out = flex_documents(q, k, v, mask, 0.2, compiled=False)
+        block_mask = mask.kernel_cache["flex_block_mask"]
+        again = flex_documents(q, k, v, mask, 0.2, compiled=False)
+    assert mask.kernel_cache["flex_block_mask"] is block_mask
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, ref, rtol=1e-5, atol=1e-6)
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    regrouped = ATTENTION_BACKENDS["flex"](qg, kg, vg, attention_mask_for(None, positions), 0.2, 0.0, True)
+    torch.testing.assert_close(regrouped, ref, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,166 @@
+"""Forward + backward time of document-masked (packed-row) attention, kernel by kernel, on one GPU.
+
+    python bench/packed_attention.py [--rows 8] [--seq_len 1024] [--json OUT.json]
+
+The shape is DeepSeek-V2's MLA attention in training (16 heads, query/key head 192, value head 128,
+bf16) over `--rows` rows of `--seq_len` tokens, each row packed with documents of random length
+(seq_len / 8 to seq_len / 2, as bench/finetune_step.py packs them). Variants:
+
+* causal_rows: the causal kernel over whole rows (what the same tokens cost without packing: the
+  lower bound, not document-masked);
+* regrouped: modeling/kernels.attention_by_document (documents gathered into power-of-two windows,
+  the causal kernel per window width);
+* flex: torch's FlexAttention with a block mask of the documents (compiled), no regrouping;
+* varlen: torch.nn.attention.varlen (flash-attention over cumulative lengths; values zero-padded to
+  the query head, as flash needs one head size), where this torch has it.
+
+Each variant is checked against the masked reference (max abs difference of the output) and timed
+with CUDA events: `--warmup` untimed calls, then the median of `--iters`.
+"""
+
+import argparse
+import inspect
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from modeling.kernels import attention_by_document  # noqa: E402
+from modeling.modeling_deepseek import AttentionMask, attention_allowed, document_ids  # noqa: E402
+
+
+def packed_positions(rows, seq_len, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.empty(rows, seq_len, dtype=torch.long)
+    for r in range(rows):
+        start = 0
+        while start < seq_len:
+            end = min(seq_len, start + int(torch.randint(seq_len // 8, seq_len // 2 + 1, (1,), generator=g)))
+            positions[r, start:end] = torch.arange(end - start)
+            start = end
+    return positions
+
+
+def timed(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--qk_dim", type=int, default=192)
+    p.add_argument("--v_dim", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/packed_attention.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    B, H, S = args.rows, args.heads, args.seq_len
+    scale = args.qk_dim ** -0.5
+    positions = packed_positions(B, S).cuda()
+    docs = document_ids(positions)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(B, H, S, args.qk_dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    v = torch.randn(B, H, S, args.v_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    grad = torch.randn(B, H, S, args.v_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    allowed = attention_allowed(AttentionMask(document_ids_BS=docs), B, S, "cuda")
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed, scale=scale)
+
+    def causal(qd, kd, vd, softmax_scale, dropout_p):
+        return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=softmax_scale)
+
+    # variant: (setup once per forward -> state, per-layer call(state) -> output [B, H, S, d_v])
+    variants = {"causal_rows": (lambda: None, lambda _: causal(q, k, v, scale, 0.0))}
+
+    def regroup_setup():
+        from modeling.kernels import _document_groups
+        mask = AttentionMask(document_ids_BS=docs)
+        _document_groups(mask, B * S, q.device)  # what the first layer of a forward builds (cached on the mask)
+        return mask
+    variants["regrouped"] = (regroup_setup, lambda mask: attention_by_document(causal, q, k, v, mask, scale, 0.0))
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention)
+
+        def flex_setup():
+            def document_causal(b, h, qi, ki):
+                return (qi >= ki) & (docs[b, qi] == docs[b, ki])
+            return create_block_mask(document_causal, B, None, S, S, device="cuda", _compile=True)
+        variants["flex"] = (flex_setup, lambda block_mask: flex(q, k, v, block_mask=block_mask, scale=scale))
+        flex_tuned = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
+        variants["flex_autotune"] = (flex_setup, lambda block_mask: flex_tuned(q, k, v, block_mask=block_mask,
+                                                                                 scale=scale))
+    except ImportError as e:
+        print(f"flex: not available ({e})")
+    try:
+        from torch.nn.attention import varlen
+        params = inspect.signature(varlen.varlen_attn).parameters
+        print("varlen_attn", list(params))
+
+        def varlen_setup():
+            starts = torch.ones_like(docs, dtype=torch.bool)
+            starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+            offsets = torch.nonzero(starts.reshape(-1)).reshape(-1)
+            return torch.cat([offsets, offsets.new_full((1,), B * S)]).to(torch.int32)
+
+        def varlen_call(cu):
+            qt, kt, vt = (t.transpose(1, 2).reshape(B * S, H, t.shape[-1]) for t in (q, k, v))
+            vt = F.pad(vt, (0, args.qk_dim - args.v_dim))
+            extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+            out = varlen.varlen_attn(qt, kt, vt, cu, cu, S, S, scale=scale, **extra)
+            return out[..., :args.v_dim].view(B, S, H, args.v_dim).transpose(1, 2)
+        variants["varlen"] = (varlen_setup, varlen_call)
+    except (ImportError, AttributeError) as e:
+        print(f"varlen: not available ({e})")
+
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": B, "seq_len": S,
+               "heads": H, "qk_dim": args.qk_dim, "v_dim": args.v_dim,
+               "documents": int(docs[:, -1].sum()), "variants": {}}
+    for name, (setup, call) in variants.items():
+        try:
+            state = setup()
+            out = call(state)
+            error = (out.float() - reference).abs().max().item()
+
+            def step():
+                for t in (q, k, v):
+                    t.grad = None
+                call(state).backward(grad)
+            setup_ms = timed(setup, args.warmup, args.iters)
+            fwd_ms = timed(lambda: call(state), args.warmup, args.iters)
+            step_ms = timed(step, args.warmup, args.iters)
+            results["variants"][name] = {"setup_ms": setup_ms, "forward_ms": fwd_ms, "forward_backward_ms": step_ms,
+                                         "max_abs_error": error}
+            print(f"{name:12s} setup (once per forward) {setup_ms:7.3f} ms  per layer: forward {fwd_ms:7.3f} ms  "
+                  f"forward+backward {step_ms:7.3f} ms  max |error| {error:.3g}", flush=True)
+        except Exception as e:  # a kernel this torch or GPU cannot run: report it, time the others
+            results["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"{name:12s} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
