@@ -102,8 +102,10 @@ class _ChunkedLinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, targets_N, chunk_rows):
         N = hidden_ND.shape[0]
+        # a frozen lm_head (LoRA) gets no weight gradient: its GEMM and float32 accumulator are skipped
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
-        grad_hidden_ND = torch.empty_like(hidden_ND)
+        grad_hidden_ND = torch.empty_like(hidden_ND) if want_hidden else None
         grad_weight_VD = None
         starts = range(0, N, chunk_rows)
         for start in starts:
@@ -111,15 +113,18 @@ class _ChunkedLinearCrossEntropySum(torch.autograd.Function):
             loss, grad_nV = _cross_entropy_and_grad(h_nD @ weight_VD.t(), targets_N[start:start + chunk_rows])
             total += loss
             # grad_nV is in the compute dtype, as the plain path's lm_head backward GEMMs see it
-            grad_hidden_ND[start:start + chunk_rows] = grad_nV @ weight_VD
-            part_VD = grad_nV.t() @ h_nD
-            if len(starts) == 1:
-                grad_weight_VD = part_VD
-            elif grad_weight_VD is None:
-                grad_weight_VD = part_VD.float()  # float32 accumulation over the chunks
-            else:
-                grad_weight_VD += part_VD
-            del grad_nV, part_VD
+            if want_hidden:
+                grad_hidden_ND[start:start + chunk_rows] = grad_nV @ weight_VD
+            if want_weight:
+                part_VD = grad_nV.t() @ h_nD
+                if len(starts) == 1:
+                    grad_weight_VD = part_VD
+                elif grad_weight_VD is None:
+                    grad_weight_VD = part_VD.float()  # float32 accumulation over the chunks
+                else:
+                    grad_weight_VD += part_VD
+                del part_VD
+            del grad_nV
         ctx.save_for_backward(grad_hidden_ND, grad_weight_VD)
         ctx.weight_dtype = weight_VD.dtype
         return total
@@ -127,8 +132,8 @@ class _ChunkedLinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden_ND, grad_weight_VD = ctx.saved_tensors
-        grad_hidden = (grad_hidden_ND * grad_total).to(grad_hidden_ND.dtype)
-        grad_weight = (grad_weight_VD * grad_total).to(ctx.weight_dtype)
+        grad_hidden = None if grad_hidden_ND is None else (grad_hidden_ND * grad_total).to(grad_hidden_ND.dtype)
+        grad_weight = None if grad_weight_VD is None else (grad_weight_VD * grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None
 
 

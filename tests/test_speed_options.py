@@ -81,6 +81,27 @@ def test_chunked_loss_ignores_minus_100_like_cross_entropy():
         chunked_lm_loss_sum(hidden, weight, targets, 0)
 
 
+def test_chunked_loss_of_a_frozen_head_gives_the_hidden_gradient_alone():
+    """A LoRA run's lm_head is frozen: the chunked loss computes no weight gradient (no GEMM, no
+    accumulator), and the hidden states' gradient is the plain loss's, over several chunks and one."""
+    g = torch.Generator().manual_seed(2)
+    targets = torch.randint(0, 50, (2, 9), generator=g)
+    targets[1, 4] = -100
+    hidden0, weight = torch.randn(2, 9, 16, generator=g), torch.randn(50, 16, generator=g)
+    ref_hidden = hidden0.clone().requires_grad_()
+    F.cross_entropy((ref_hidden[:, :-1] @ weight.t()).reshape(-1, 50), targets[:, 1:].reshape(-1), reduction="sum",
+                    ignore_index=-100).backward()
+    for chunk in (4, 64):
+        hidden, frozen = hidden0.clone().requires_grad_(), weight.clone()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            loss = chunked_lm_loss_sum(hidden, frozen, targets, chunk)
+        assert tuple(weight.shape) not in saved  # no weight gradient was made and kept for the backward
+        loss.backward()
+        assert frozen.grad is None
+        torch.testing.assert_close(hidden.grad, ref_hidden.grad)
+
+
 def test_chunked_loss_in_bf16_stays_within_rounding_of_the_float32_loss():
     config = _config()
     model32 = apply_training_form(build_model(config, seed=0)).train()
