@@ -153,13 +153,11 @@ def defer_grad_sync(model, last_microbatch):
         model.set_reshard_after_backward(last_microbatch)
 
 
-def grad_norm_and_clip(params, max_norm, run_mesh, expert_params):
-    """Global L2 norm of all gradients, each element counted once, then clipped in place."""
-    norm, local_grads = global_norm(params, [p.grad for p in params], run_mesh, expert_params)
-    scale = min(1.0, max_norm / (norm.item() + 1e-6))
+def clip_gradients(local_grads, norm, max_norm):
+    """Scales the gradients in place so that their global L2 norm `norm` (a float) is at most max_norm."""
+    scale = min(1.0, max_norm / (norm + 1e-6))
     if scale < 1.0 and local_grads:
         torch._foreach_mul_(local_grads, scale)
-    return norm.item()
 
 
 def global_norm(params, tensors, run_mesh, expert_params):
@@ -186,8 +184,12 @@ def global_norm(params, tensors, run_mesh, expert_params):
         by_group.setdefault(tuple(groups), [groups, []])[1].append(g)
     for groups, grads in by_group.values():
         # one multi-tensor pass per group (per-tensor norms in the gradients' dtype; their squares
-        # summed in float64), not one float64 copy of every gradient
-        sq = torch.stack([n.double() for n in torch._foreach_norm(grads)]).pow(2).sum()
+        # summed in float64), not one float64 copy of every gradient; the norms are stacked per dtype
+        # before the cast (a few kernels, not one per tensor: a LoRA model has hundreds of tensors)
+        by_dtype = {}
+        for n in torch._foreach_norm(grads):
+            by_dtype.setdefault(n.dtype, []).append(n)
+        sq = torch.cat([torch.stack(norms).double() for norms in by_dtype.values()]).pow(2).sum()
         for group in groups:
             dist.all_reduce(sq, group=group)
         total += sq
@@ -257,8 +259,11 @@ def finish_step(step, parts, params, expert_params, run_mesh, optimizer, schedul
     optimizer step, before anything can save it)."""
     totals = torch.stack(list(parts))
     dist.all_reduce(totals, group=loss_group(run_mesh))
-    loss = float(totals.sum())
-    grad_norm = grad_norm_and_clip(params, 1.0, run_mesh, expert_params)
+    norm, local_grads = global_norm(params, [p.grad for p in params], run_mesh, expert_params)
+    # the step's one wait for the device: the loss parts and the gradient norm read together
+    ce, aux, grad_norm = torch.cat([totals, norm.reshape(1)]).tolist()
+    loss = ce + aux
+    clip_gradients(local_grads, grad_norm, 1.0)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise NonFiniteError(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
                              "stopped before the optimizer step (lower --lr or check the data)")
@@ -270,5 +275,5 @@ def finish_step(step, parts, params, expert_params, run_mesh, optimizer, schedul
     scheduler.step()
     if guard is not None:
         guard.after_step(step)
-    return loss, float(totals[0]), float(totals[1]), grad_norm, lr
+    return loss, ce, aux, grad_norm, lr
 
