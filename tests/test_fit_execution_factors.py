@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from bench.fit_execution_factors import Predictor, fit_attention, kernel_flops, write_factors
+from bench.fit_execution_factors import Predictor, fit_attention, kernel_flops, minimax, write_factors
 from modeling import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,3 +55,15 @@ def test_the_kernel_check_is_taken_as_measured_and_written_into_the_profile(tmp_
     assert written.attention["sdpa_cudnn"](5e11) == 250.0
     assert set(written.attention) == set(load_profile("h200").attention)
     assert written.execution["foreach_adamw"] == 2.0 and json.loads(copy.read_text())["name"] == "h200"
+
+
+def test_the_compiled_factor_is_fitted_to_the_smallest_worst_error():
+    """compiled_layer_bytes is the factor whose largest relative error over the rows with compiled
+    layers is smallest: with two rows over-priced by opposite amounts the fit lands between them,
+    where neither error alone would put it."""
+    # predicted / measured - 1 of two rows, linear in the factor x: zero at x = 0.4 and at x = 0.7
+    errors = [lambda x: 1.5 * (x - 0.4), lambda x: -(x - 0.7)]
+    fitted = minimax(lambda x: max(abs(e(x)) for e in errors), 0.02, 1.0)
+    assert fitted == pytest.approx(0.52, abs=0.005)  # where 1.5 (x - 0.4) = 0.7 - x
+    assert minimax(lambda x: abs(x - 0.9), 0.02, 1.0) == pytest.approx(0.9, abs=0.005)
+
