@@ -14,6 +14,12 @@ time and peak memory. The prediction is for the --runtime_ngpus the plan was com
 one plan file per GPU count to compare (the table flags a mismatch). Results go to OUT/results.json
 and a Markdown table on stdout.
 
+`--packed` trains on packed instruction rows instead (random examples of 1/8 to 1/2 of a row, prompts
+masked, position ids restarting: bench/finetune_step.py's rows), for plans compiled with
+`--document_masking on`, LoRA plans among them (a plan carries its LoRA options). Each run is also
+written to OUT/NAME.json with the fields bench/RESULTS.md reports: device, gpus, tokens_per_s_per_gpu,
+mfu, step_time_s, predicted_step_time_s, peak_memory_gib.
+
 The step time is the trainer's per-step wall time (host clock after a device synchronisation,
 which a multi-process step needs anyway); the median over the timed steps discards compilation
 and allocator warm-up.
@@ -51,6 +57,11 @@ def summarize(records, warmup):
             "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"]}
 
 
+def device_name(device):
+    import torch
+    return torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else "cpu"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_id", required=True, help="model directory (config.json; random initialisation)")
@@ -62,8 +73,11 @@ def main(argv=None):
     p.add_argument("--timeout_s", type=int, default=900, help="limit per run; a run past it is stopped")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run with gloo")
     p.add_argument("--extra", default="", help="extra train.py flags, space separated")
+    p.add_argument("--packed", action="store_true",
+                   help="packed instruction rows (plans compiled with --document_masking on, LoRA plans too)")
     args = p.parse_args(argv)
 
+    from bench.finetune_step import write_packed_dataset
     from bench.train_step import write_dataset
     from compiler.plan import Plan
     from modeling import load_config
@@ -75,7 +89,9 @@ def main(argv=None):
         plan = Plan.load(plan_path)
         seq, global_batch = plan.search_inputs["seq_len"], plan.search_inputs["global_batch_size"]
         most_steps = max(s or args.steps for *_, s in args.run)
-        data = write_dataset(args.out, config.vocab_size, seq, rows=global_batch * most_steps)
+        rows = global_batch * most_steps
+        data = (write_packed_dataset(args.out, config.vocab_size, seq, rows) if args.packed
+                else write_dataset(args.out, config.vocab_size, seq, rows=rows))
         save_dir = os.path.join(args.out, name)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ngpus),
                os.path.join(REPO, "train.py"), "--model_id", args.model_id, "--dataset_path", data,
@@ -101,9 +117,13 @@ def main(argv=None):
                  "planned_runtime_ngpus": plan.search_inputs.get("runtime_ngpus")}
         if records:
             entry.update(summarize(records, args.warmup))
+            entry.update(device=device_name(args.device), gpus=ngpus,
+                         tokens_per_s_per_gpu=entry["tokens_per_s"] / ngpus)
         results[name] = entry
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+            json.dump(entry, f, indent=1)
         print(f"[{name}] rc={rc} wall {wall:.0f} s: " + json.dumps({k: v for k, v in entry.items()
                                                                    if k not in ("plan",)}), flush=True)
 
