@@ -7,7 +7,7 @@
 # 0. measure the collectives for groups of 2, 4 and 8 (up to N) into $OUT/profile.json
 #    (bench/profile_device.py; copy its `collectives` into compiler/profiles/PROFILE.json by hand);
 # 1. compile the plan for the full DeepSeek-Coder-V2-Lite (27 layers, seq 2048, global batch 64, the
-#    compiler choosing micro-batch and execution) on 4 devices with PROFILE, for N runtime GPUs, and
+#    compiler choosing micro-batch and execution) on 4 devices (all N if fewer) with PROFILE, for N runtime GPUs, and
 #    its two runners-up (--plan_rank 2, 3);
 # 2. run the plan for STEPS steps and the runners-up for 15 with torchrun on N GPUs (bench/plan_runs.py:
 #    one JSON per run under $OUT/runs with device, gpus, tokens_per_s_per_gpu, mfu, step_time_s,
@@ -24,13 +24,14 @@ STEPS=${4:-30}
 EXTRA=${5:-}
 OUT=${OUT:-bench_out}
 MODEL=configs/deepseek-coder-v2-lite
+P=$(( N < 4 ? N : 4 ))  # devices of one plan: 4, or all of a smaller machine (replicated to N)
 mkdir -p "$OUT/plans"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 python bench/profile_device.py --procs "$N" --out "$OUT/profile.json" 2>&1 | tail -12
 
-COMPILE=(python train.py --run_mode compile --model_id $MODEL --plan_ngpus 4 --runtime_ngpus "$N" --seq_len 2048
+COMPILE=(python train.py --run_mode compile --model_id $MODEL --plan_ngpus "$P" --runtime_ngpus "$N" --seq_len 2048
          --micro_batch_size auto --global_batch_size 64 --device_profile "$PROFILE" --mem_limit_gib "$MEM")
 for rank in 1 2 3; do
     "${COMPILE[@]}" --plan_rank $rank --plan_out "$OUT/plans/rank$rank.json" 2>&1 | tail -6
@@ -60,7 +61,7 @@ config = json.load(open("configs/deepseek-coder-v2-lite/config.json"))
 config["num_hidden_layers"] = 4
 json.dump(config, open(os.path.join(out, "config.json"), "w"), indent=1)
 EOF
-python train.py --run_mode compile --model_id "$SMALL" --plan_ngpus 4 --runtime_ngpus "$N" --seq_len 2048 \
+python train.py --run_mode compile --model_id "$SMALL" --plan_ngpus "$P" --runtime_ngpus "$N" --seq_len 2048 \
     --micro_batch_size 2 --global_batch_size 16 --device_profile "$PROFILE" --mem_limit_gib "$MEM" \
     --plan_out "$OUT/plans/small.json" 2>&1 | tail -6
 torchrun --nproc_per_node "$N" train.py --model_id "$SMALL" --dataset_path "$DATA" \
