@@ -359,8 +359,9 @@ def compile_layers(layers, scope, backend="inductor", norms=()):
 def apply_training_form(model, attention=None, grouped_mm_backend="torch"):
     """Rewrites `model` in place into the training form and returns it.
 
-    attention: "sdpa" (default without flash-attn), "flash" (default with it), "eager", or an SDPA
-    kernel forced: "sdpa_flash_padded", "sdpa_efficient", "sdpa_cudnn" (see _sdpa_forced).
+    attention: "sdpa" (default without flash-attn), "flash" (default with it), "eager", an SDPA
+    kernel forced: "sdpa_flash_padded", "sdpa_efficient", "sdpa_cudnn" (see _sdpa_forced), or "flex"
+    (packed documents through FlexAttention on CUDA: kernels.flex_attention).
     grouped_mm_backend: "torch" (torch._grouped_mm, no host synchronisation) or "grouped_gemm".
     """
     attention = attention or default_attention_backend()
