@@ -395,7 +395,9 @@ try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention as _flex_attention
 except ImportError:  # an older torch
     create_block_mask = _flex_attention = None
-_COMPILED_FLEX = []  # torch.compile(flex_attention), made on first use: flex is only fast compiled
+# FlexAttention is only fast compiled: an eager layer calls this compiled function, a compiled layer
+# traces through it (torch.compile compiles on the first call, not here)
+_COMPILED_FLEX = None if _flex_attention is None else torch.compile(_flex_attention, dynamic=False)
 
 
 def flex_block_mask(mask):
@@ -416,9 +418,7 @@ def flex_block_mask(mask):
 def flex_documents(query, key, value, mask, softmax_scale, compiled=True):
     """Block-causal attention of packed documents by FlexAttention: [B, H, S, d_qk] x 2, [B, H, S, d_v]
     -> [B, H, S, d_v]. compiled=False runs flex's unfused reference (forward only off CUDA)."""
-    if compiled and not _COMPILED_FLEX:
-        _COMPILED_FLEX.append(torch.compile(_flex_attention, dynamic=False))
-    kernel = _COMPILED_FLEX[0] if compiled else _flex_attention
+    kernel = _COMPILED_FLEX if compiled else _flex_attention
     return kernel(query, key, value, block_mask=flex_block_mask(mask), scale=softmax_scale)
 
 
