@@ -117,7 +117,33 @@ def kernel_summary(profiler, timed_wall_s, timed_steps):
     lines.append("largest GPU idle spans (> 50 us), ms per step: after kernel -> before kernel (count per step)")
     lines += [f"  {t / per_step:8.2f}  ({n / timed_steps:.0f}x)  {a}  ->  {b}"
               for (a, b), (t, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:15]]
+    lines += host_during_idle(profiler, spans, start)
     return "\n".join(lines)
+
+
+def host_during_idle(profiler, spans, start, longest=6, min_us=500):
+    """With host activity profiled (--profile_host): for the longest single GPU idle spans of the
+    timed steps, the host's ops (and the trainer's record_function phases, train.*) that overlap
+    each, by overlap time: what the GPU waited for."""
+    host = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CPU
+            and e.time_range.end > start]
+    if not host:
+        return []
+    idle, reach = [], None
+    for s, e, _ in spans:
+        if reach is not None and s - reach > min_us:
+            idle.append((reach, s))
+        reach = e if reach is None else max(reach, e)
+    lines = [f"host ops during the {longest} longest GPU idle spans (> {min_us} us), ms of overlap:"]
+    for a, b in sorted(idle, key=lambda span: span[0] - span[1])[:longest]:
+        overlap = {}
+        for ev in host:
+            o = min(b, ev.time_range.end) - max(a, ev.time_range.start)
+            if o > 0:
+                overlap[ev.name] = overlap.get(ev.name, 0.0) + o
+        top = sorted(overlap.items(), key=lambda kv: -kv[1])[:8]
+        lines.append(f"  idle {(b - a) / 1e3:.2f} ms: " + "; ".join(f"{n[:48]} {o / 1e3:.2f}" for n, o in top))
+    return lines
 
 
 def main(argv=None):
@@ -144,7 +170,10 @@ def main(argv=None):
                    help="on: packed rows with position ids restarting per example (document-masked attention); "
                         "off: the same tokens and labels as whole-row sequences (plain causal attention)")
     p.add_argument("--profile", action="store_true",
-                   help="print the CUDA kernels taking the most time over the timed steps (torch.profiler)")
+                   help="print the GPU's busy share, kernel time by kind and kernel, and its largest idle spans over "
+                        "the timed steps (torch.profiler; the profiler slows the step)")
+    p.add_argument("--profile_host", action="store_true",
+                   help="with --profile: also the host's ops, and which of them run while the GPU waits")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -190,7 +219,9 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
     profiler = None
     if args.profile and args.device == "cuda":
-        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        activities = [torch.profiler.ProfilerActivity.CUDA] + (
+            [torch.profiler.ProfilerActivity.CPU] if args.profile_host else [])
+        profiler = torch.profiler.profile(activities=activities)
         profiler.__enter__()
     try:
         records, params = train(RunArgs(
@@ -207,7 +238,10 @@ def main(argv=None):
             profiler.__exit__(None, None, None)
     timed = records[args.warmup:] or records
     if profiler is not None:
-        print(kernel_summary(profiler, sum(r["step_time_s"] for r in timed), len(timed)), flush=True)
+        try:  # a diagnostic: never lose the run's result to it
+            print(kernel_summary(profiler, sum(r["step_time_s"] for r in timed), len(timed)), flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"profile summary failed: {type(e).__name__}: {e}", flush=True)
     key = "step_time_cuda_s" if "step_time_cuda_s" in timed[0] else "step_time_s"
     step = statistics.median(r[key] for r in timed)
     tokens = timed[0]["tokens"]

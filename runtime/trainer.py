@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm import tqdm
 
@@ -127,16 +128,21 @@ def train(args: RunOptions):
 
     for step in range(start_step, args.max_steps):
         timer = StepTimer(device)
-        batch = data.batch(step)
-        step_shape = dataclasses.replace(shape, tokens=data.target_count(batch, step))
-        local = GlobalBatches.local_slice(batch, data_rank, data_ranks).to(device)
-        if state.pipeline is not None:
-            parts = pipeline_step(state.pipeline, local, step_shape)
-        else:
-            parts = forward_backward_step(state.model, local, step_shape, args)
+        # the record_function scopes name a step's phases in a profiler trace (bench/finetune_step.py
+        # --profile_host); without a profiler they cost nothing measurable
+        with record_function("train.data"):
+            batch = data.batch(step)
+            step_shape = dataclasses.replace(shape, tokens=data.target_count(batch, step))
+            local = GlobalBatches.local_slice(batch, data_rank, data_ranks).to(device)
+        with record_function("train.forward_backward"):
+            if state.pipeline is not None:
+                parts = pipeline_step(state.pipeline, local, step_shape)
+            else:
+                parts = forward_backward_step(state.model, local, step_shape, args)
         try:
-            loss, ce, aux, grad_norm, lr = finish_step(step, parts, params, state.expert_params, run_mesh,
-                                                       optimizer, scheduler, guard)
+            with record_function("train.finish_step"):
+                loss, ce, aux, grad_norm, lr = finish_step(step, parts, params, state.expert_params, run_mesh,
+                                                           optimizer, scheduler, guard)
         except NonFiniteError as e:  # nothing after this step is saved: name what to resume from
             if healthy is None:
                 raise type(e)(f"{e}; no checkpoint of this run to go back to: start again with a lower --lr") from None
@@ -152,7 +158,8 @@ def train(args: RunOptions):
                                      or step + 1 == args.max_steps):
             record["eval_loss"] = run_eval(step + 1)  # after the step's timing: not part of its time
         records.append(record)
-        metrics.log(record)
+        with record_function("train.metrics"):
+            metrics.log(record)
         if (args.save_every and (step + 1) % args.save_every == 0) or (args.final_save and step + 1 == args.max_steps):
             save(step + 1)
         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{100 * record['mfu']:.1f}%")
