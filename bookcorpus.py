@@ -238,6 +238,19 @@ def _empty_dataset_error(data_path_or_name: str, detail: str) -> BookcorpusError
     )
 
 
+def load_hub_train_split(data_path_or_name: str) -> datasets.Dataset:
+    """The train split of a Hugging Face hub data set named by --data_path_or_name (what is not a
+    local path); a failure (no network, no such data set, no train split) is one BookcorpusError."""
+    try:
+        return datasets.load_dataset(data_path_or_name, split="train")
+    except Exception as e:  # no network, no such data set, no "train" split, ...
+        raise BookcorpusError(
+            f"--data_path_or_name {data_path_or_name}: not a local path, and loading it from the Hugging Face "
+            f"hub failed ({type(e).__name__}: {e}); pass an existing local file or directory, or a hub data "
+            f"set name with a train split"
+        ) from e
+
+
 def load_documents(
     data_path_or_name: str, text_column: str = "text", num_proc: Optional[int] = None
 ) -> datasets.Dataset:
@@ -249,14 +262,7 @@ def load_documents(
     resolved = resolve_data_files(data_path_or_name)
     flag = f"--data_path_or_name {data_path_or_name}"
     if resolved is None:
-        try:
-            documents = datasets.load_dataset(data_path_or_name, split="train")
-        except Exception as e:  # no network, no such data set, no "train" split, ...
-            raise BookcorpusError(
-                f"{flag}: not a local path, and loading it from the Hugging Face hub failed "
-                f"({type(e).__name__}: {e}); pass an existing local file or directory, or a hub data "
-                f"set name with a train split"
-            ) from e
+        documents = load_hub_train_split(data_path_or_name)
     else:
         builder, files = resolved
         if not files:

@@ -112,14 +112,7 @@ class SftSource:
         self.hub_rows = None
         self.builder, self.files = None, []
         if resolved is None:
-            try:
-                self.hub_rows = datasets.load_dataset(data_path_or_name, split="train")
-            except Exception as e:  # no network, no such data set, no "train" split, ...
-                raise BookcorpusError(
-                    f"{flag}: not a local path, and loading it from the Hugging Face hub failed "
-                    f"({type(e).__name__}: {e}); pass an existing local file or directory, or a hub data "
-                    f"set name with a train split"
-                ) from None
+            self.hub_rows = bookcorpus.load_hub_train_split(data_path_or_name)
         else:
             self.builder, self.files = resolved
             if self.builder == "text":
