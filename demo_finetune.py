@@ -31,7 +31,8 @@ import time
 
 import torch
 
-IGNORE_INDEX = -100
+from demo import step
+from modeling import IGNORE_INDEX
 
 
 def parse_args(argv=None):
@@ -45,10 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--processes", type=int, default=2, help="CPU processes of the run (the plan's devices)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base weights and of the run")
     return p.parse_args(argv)
-
-
-def step(title):
-    print(f"\n== {title}", flush=True)
 
 
 def run(cmd, env=None):

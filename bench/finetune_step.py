@@ -38,8 +38,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.train_step import PEAK_TFLOPS, active_parameters, flops_per_token, write_model_dir  # noqa: E402
 from compiler.cost_model import RESERVED_GIB  # noqa: E402
+from modeling import IGNORE_INDEX  # noqa: E402
 
-IGNORE = -100
+
+def packed_examples(rows, seq_len, generator):
+    """(row, start, end) of each example of `rows` packed rows of `seq_len` tokens: examples of random
+    length (seq_len / 8 to seq_len / 2 tokens, drawn from `generator`) laid end to end, the last one
+    of a row cut at its end."""
+    for r in range(rows):
+        start = 0
+        while start < seq_len:
+            end = min(seq_len, start + int(torch.randint(seq_len // 8, seq_len // 2 + 1, (1,), generator=generator)))
+            yield r, start, end
+            start = end
 
 
 def write_packed_dataset(out_dir, vocab_size, seq_len, rows, seed=0, prompt_share=0.4, packed=True):
@@ -55,14 +66,9 @@ def write_packed_dataset(out_dir, vocab_size, seq_len, rows, seed=0, prompt_shar
     ids = torch.randint(0, vocab_size, (rows, seq_len), generator=g, dtype=torch.int64)
     labels = ids.clone()
     positions = torch.empty_like(ids)
-    for r in range(rows):
-        start = 0
-        while start < seq_len:
-            length = int(torch.randint(seq_len // 8, seq_len // 2 + 1, (1,), generator=g))
-            end = min(seq_len, start + length)
-            positions[r, start:end] = torch.arange(end - start)
-            labels[r, start:start + max(1, int(prompt_share * (end - start)))] = IGNORE
-            start = end
+    for r, start, end in packed_examples(rows, seq_len, g):
+        positions[r, start:end] = torch.arange(end - start)
+        labels[r, start:start + max(1, int(prompt_share * (end - start)))] = IGNORE_INDEX
     columns = {"input_ids": ids.int().numpy(), "labels": labels.int().numpy()}
     if packed:
         columns["position_ids"] = positions.int().numpy()
