@@ -22,41 +22,24 @@ import argparse
 import inspect
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.finetune_step import packed_examples  # noqa: E402
+from bench.train_step import cuda_median_ms  # noqa: E402
 from modeling.kernels import attention_by_document  # noqa: E402
 from modeling.modeling_deepseek import AttentionMask, attention_allowed, document_ids  # noqa: E402
 
 
 def packed_positions(rows, seq_len, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    """Position ids of rows packed as bench/finetune_step.py packs them (restarting at each example)."""
     positions = torch.empty(rows, seq_len, dtype=torch.long)
-    for r in range(rows):
-        start = 0
-        while start < seq_len:
-            end = min(seq_len, start + int(torch.randint(seq_len // 8, seq_len // 2 + 1, (1,), generator=g)))
-            positions[r, start:end] = torch.arange(end - start)
-            start = end
+    for r, start, end in packed_examples(rows, seq_len, torch.Generator().manual_seed(seed)):
+        positions[r, start:end] = torch.arange(end - start)
     return positions
-
-
-def timed(fn, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -146,9 +129,9 @@ def main(argv=None):
                 for t in (q, k, v):
                     t.grad = None
                 call(state).backward(grad)
-            setup_ms = timed(setup, args.warmup, args.iters)
-            fwd_ms = timed(lambda: call(state), args.warmup, args.iters)
-            step_ms = timed(step, args.warmup, args.iters)
+            setup_ms = cuda_median_ms(setup, args.warmup, args.iters)
+            fwd_ms = cuda_median_ms(lambda: call(state), args.warmup, args.iters)
+            step_ms = cuda_median_ms(step, args.warmup, args.iters)
             results["variants"][name] = {"setup_ms": setup_ms, "forward_ms": fwd_ms, "forward_backward_ms": step_ms,
                                          "max_abs_error": error}
             print(f"{name:12s} setup (once per forward) {setup_ms:7.3f} ms  per layer: forward {fwd_ms:7.3f} ms  "

@@ -314,6 +314,22 @@ def cleanup(device):
         torch.cuda.empty_cache()
 
 
+def cuda_median_ms(fn, warmup, iters):
+    """Median milliseconds of fn() on the GPU: CUDA events around each of `iters` calls after `warmup`
+    untimed ones, the device synchronised after each."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def attention_kernel_check(config, seq_len, batch, device):
     """Which forced SDPA kernels run MLA's head dims here, and their forward + backward time on one
     layer's attention (a micro-benchmark beside the whole-step figures). Returns (lines to print,
@@ -333,18 +349,12 @@ def attention_kernel_check(config, seq_len, batch, device):
         fn = ATTENTION_BACKENDS[name]
         try:
             qi, ki, vi = (t.detach().requires_grad_() for t in (q, k, v))
-            times = []
-            for i in range(8):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+
+            def forward_backward(fn=fn):
                 out = fn(qi, ki, vi, None, d_qk ** -0.5, 0.0, True)
                 out.backward(torch.ones_like(out))
-                end.record()
-                end.synchronize()
-                if i >= 3:
-                    times.append(start.elapsed_time(end))
+            ms = cuda_median_ms(forward_backward, warmup=3, iters=5)
             flops = attention_flops_per_token(config, seq_len) / config.num_hidden_layers * batch * seq_len
-            ms = statistics.median(times)
             lines.append(f"  {name:18s} fwd+bwd {ms:7.3f} ms  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s (causal FLOPs)")
             width = d_qk if name in ("sdpa_flash_padded", "flash") else d_v  # the kernel's value width
             kernel_flops = 3 * batch * H * seq_len * seq_len * (d_qk + width)
