@@ -82,13 +82,12 @@ def main(argv=None):
         return mask
     variants["regrouped"] = (regroup_setup, lambda mask: attention_by_document(causal, q, k, v, mask, scale, 0.0))
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
+        from modeling.kernels import document_block_mask
         flex = torch.compile(flex_attention)
 
-        def flex_setup():
-            def document_causal(b, h, qi, ki):
-                return (qi >= ki) & (docs[b, qi] == docs[b, ki])
-            return create_block_mask(document_causal, B, None, S, S, device="cuda", _compile=True)
+        def flex_setup():  # the runtime's own builder (the tiles' document ranges, a few small ops)
+            return document_block_mask(docs)
         variants["flex"] = (flex_setup, lambda block_mask: flex(q, k, v, block_mask=block_mask, scale=scale))
         flex_tuned = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
         variants["flex_autotune"] = (flex_setup, lambda block_mask: flex_tuned(q, k, v, block_mask=block_mask,

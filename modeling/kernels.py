@@ -392,25 +392,64 @@ def attention_by_document(causal, query, key, value, mask, softmax_scale, dropou
 # waits for the host and every shape is static, so compiled layers keep attention in their graph.
 # Its backward has no CPU implementation: off CUDA the documents are regrouped (the same result).
 try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention as _flex_attention
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 except ImportError:  # an older torch
-    create_block_mask = _flex_attention = None
+    _flex_attention = None
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile (its _DEFAULT_SPARSE_BLOCK_SIZE)
 # FlexAttention is only fast compiled: an eager layer calls this compiled function, a compiled layer
 # traces through it (torch.compile compiles on the first call, not here)
 _COMPILED_FLEX = None if _flex_attention is None else torch.compile(_flex_attention, dynamic=False)
 
 
+def document_block_mask(document_ids_BS, block_size=FLEX_BLOCK_SIZE):
+    """The BlockMask of block-causal attention over packed documents (a query sees the keys of its own
+    document up to itself), built from the tiles' document ranges with a few small tensor ops: what
+    create_block_mask computes, without evaluating the mask at all B x S x S points (on an H200 that
+    took 3.3 ms per forward with the GPU waiting on the host).
+
+    document_ids_BS [B, S]: non-decreasing along each row (modeling_deepseek.document_ids counts
+    restarts), so a tile's documents are the range from its first to its last token's. For query tile
+    i and key tile j (tiles of `block_size` tokens, the last one cut at S):
+      * j > i: empty (causality);
+      * j == i: partial (the diagonal tile holds both allowed and hidden scores);
+      * j < i: every key precedes every query, so the tile is non-empty iff the key tile's last
+        document is the query tile's first, and full iff the key tile's first document is the query
+        tile's last and the query tile is whole (create_block_mask pads a cut tile with hidden scores).
+    The partial tiles evaluate the mask per score in the kernel (same_document_causal)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    B, S = document_ids_BS.shape
+    device = document_ids_BS.device
+    docs = document_ids_BS
+    starts = torch.arange(0, S, block_size, device=device)
+    ends = torch.clamp(starts + block_size, max=S) - 1
+    first, last = docs[:, starts], docs[:, ends]  # [B, T]: each tile's first and last token's document
+    tiles = starts.numel()
+    q_tile, kv_tile = torch.arange(tiles, device=device).unsqueeze(1), torch.arange(tiles, device=device)
+    below = (kv_tile < q_tile).unsqueeze(0)  # [1, T, T]: key tile wholly before the query tile
+    whole_q = (starts + block_size <= S).view(1, tiles, 1)
+    nonempty = (below & (last.unsqueeze(1) == first.unsqueeze(2))) | (kv_tile == q_tile).unsqueeze(0)
+    full = below & whole_q & (first.unsqueeze(1) == last.unsqueeze(2))
+    partial = nonempty & ~full
+
+    def ordered(blocks_BTT):
+        # as flex's own conversion: per query tile the count, then the tiles in index order, the rest after
+        blocks = blocks_BTT.unsqueeze(1).to(torch.int32)  # [B, H = 1, T, T]
+        return blocks.sum(-1, dtype=torch.int32), torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+    kv_num, kv_indices = ordered(partial)
+    full_num, full_indices = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_indices, full_num, full_indices, BLOCK_SIZE=(block_size, block_size),
+                                    mask_mod=same_document_causal, seq_lengths=(S, S))
+
+
 def flex_block_mask(mask):
-    """The BlockMask of `mask`'s packed documents (a query sees the earlier keys of its own document),
-    built on the first call of a forward and kept on the mask for every layer."""
+    """The BlockMask of `mask`'s packed documents (document_block_mask), built on the first call of a
+    forward and kept on the mask for every layer."""
     cached = mask.kernel_cache.get("flex_block_mask")
     if cached is None:
-        docs = mask.document_ids_BS
-        B, S = docs.shape
-
-        def same_document_causal(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
-        cached = create_block_mask(same_document_causal, B, None, S, S, device=docs.device, _compile=docs.is_cuda)
+        cached = document_block_mask(mask.document_ids_BS)
         mask.kernel_cache["flex_block_mask"] = cached
     return cached
 
@@ -573,7 +612,7 @@ def grouped_swiglu_lora(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2
     gate_up = x W_gu^T + scaling * [x A_g^T B_g^T | x A_u^T B_u^T] (expert e's gate_proj and up_proj
     adapters are [e, 0] and [e, 1] of the stacked A and B), then the weighted SwiGLU h, then
     y = h W_d^T + scaling * (h A_d^T) B_d^T. Every product is one grouped GEMM over all experts with
-    the base's group offsets (4 small ones beside the base's 2: A of gate and up together, B of both,
+    the base's group offsets (5 small ones beside the base's 2: A of gate and up together, B of each,
     A and B of down); the adapters are cast to the rows' dtype, so fp32 adapters train over a bf16
     base. The routing weight scales h before the down projection (inside the SwiGLU kernel, as in
     the base path), which weights the down adapter's output the same way: the projection is linear."""
@@ -595,13 +634,14 @@ def grouped_swiglu_lora(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2
     gate_up_N2F = mm(x_grouped_ND, gate_up_E2FD.reshape(E, 2 * F_, D))
     # both A's in one GEMM: [N, 2r] = [x A_gate^T | x A_up^T]
     xa_N2R = mm(_lora_rows(x_grouped_ND, dropout_p), lora_A_gate_up_E2RD.reshape(E, 2 * r, D))
-    # both B's in one GEMM too, as the block-diagonal [E, 2F, 2r] = [[B_gate, 0], [0, B_up]]: it writes
-    # the [gate | up] update in the base output's layout, with no slicing or concatenation of [N, 2F]
-    # rows (its zero blocks cost 2r / D of the base GEMM's work)
-    zeros_EFR = lora_B_gate_up_E2FR.new_zeros(E, F_, r)
-    b_gate_up_E2F2R = torch.cat([torch.cat([lora_B_gate_up_E2FR[:, 0], zeros_EFR], dim=-1),
-                                 torch.cat([zeros_EFR, lora_B_gate_up_E2FR[:, 1]], dim=-1)], dim=1)
-    gate_up_N2F = gate_up_N2F.add(mm(xa_N2R, b_gate_up_E2F2R), alpha=scaling)  # one pass: base + scaling * update
+    # each B on its own half of xa (strided views, which the grouped GEMM takes as they are), its update
+    # added in place into its half of the base output: no [N, 2F] temporary, and none of the zero blocks
+    # a block-diagonal [[B_gate, 0], [0, B_up]] would multiply (half of those GEMMs' work, forward and
+    # backward). The base GEMM's output is not saved by its backward (the frozen weight gets no
+    # gradient), so modifying it in place is sound; autograd routes each half's gradient to its B.
+    for half, columns in enumerate((slice(0, F_), slice(F_, 2 * F_))):
+        update_NF = mm(xa_N2R[:, half * r:(half + 1) * r], lora_B_gate_up_E2FR[:, half])
+        gate_up_N2F[:, columns].add_(update_NF, alpha=scaling)
     h_NF = weighted_swiglu(gate_up_N2F, weight_N1)
     update_down_ND = mm(mm(_lora_rows(h_NF, dropout_p), lora_A_down_ERF), lora_B_down_EDR)
     return mm(h_NF, down_EDF).add(update_down_ND, alpha=scaling)

@@ -492,6 +492,38 @@ def test_documents_regrouped_for_the_causal_kernel_equal_the_masked_attention(ke
     assert widths == sorted(set(widths)) and min(widths) == DOCUMENT_MIN_WINDOW and max(widths) == 128
 
 
+def test_document_block_mask_is_flexattentions_own():
+    """The BlockMask built from the tiles' document ranges (kernels.document_block_mask) equals the one
+    FlexAttention's create_block_mask computes from the mask at every score, field by field (the key
+    and query tiles, partial and full, in its order), for random packings, tile sizes and lengths
+    that cut the last tile."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from modeling.kernels import document_block_mask
+    from modeling.modeling_deepseek import document_ids
+    g = torch.Generator().manual_seed(5)
+    for _ in range(60):
+        B, S = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(2, 70, (1,), generator=g))
+        block = 4 * int(torch.randint(1, 5, (1,), generator=g))
+        rows = []
+        for _ in range(B):
+            row = []
+            while len(row) < S:
+                row += list(range(int(torch.randint(1, S // 2 + 2, (1,), generator=g))))
+            rows.append(row[:S])
+        positions = torch.tensor(rows)
+        positions[0, S // 2] = 0  # at least one restart, so document_ids gives documents
+        docs = document_ids(positions)
+
+        def same_document_causal(b, h, q, kv):
+            return (q >= kv) & (docs[b, q] == docs[b, kv])
+        want = flex.create_block_mask(same_document_causal, B, None, S, S, device="cpu", BLOCK_SIZE=block)
+        got = document_block_mask(docs, block)
+        for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                      "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (field, S, block, rows)
+        assert (got.seq_lengths, got.BLOCK_SIZE) == (want.seq_lengths, want.BLOCK_SIZE)
+
+
 def test_flex_documents_equal_the_masked_attention():
     """The flex kernel's FlexAttention path (CUDA's; its unfused reference here, forward only, as
     FlexAttention has no CPU backward) gives the outputs of SDPA with the explicit block-causal mask
