@@ -33,6 +33,16 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.norm() > 0 else a.norm().item()
 
 
+def _same_after_adamw(got, want, lr):
+    """Adapters trained by two implementations agree: within 1e-5 of the reference's norm, or
+    elementwise within 1 % of one step (lr). AdamW normalises each step by the gradient's running
+    size, so where an element's gradients nearly cancel across steps the float rounding of the
+    gradients (1e-6 here) is amplified into its update (1.2e-3 lr measured on one CPU); an adapter
+    started at zero (B) is made of such steps alone. The losses and gradient norms, which AdamW's
+    normalisation does not hide, are compared at every step within 1e-5 beside this."""
+    return _rel(got, want) < 1e-5 or bool(((got - want).abs() <= 1e-2 * lr).all())
+
+
 def _adapters(model):
     return {n: p for n, p in model.named_parameters() if spec.is_lora_parameter(n)}
 
@@ -164,6 +174,10 @@ def _adamw(params, lr=1e-4):
 
 @pytest.mark.parametrize("model_dir", [TINY_V2, TINY_MOE])
 def test_lora_training_matches_peft_on_the_reference_model(model_dir):
+    """Three AdamW steps of our LoRA model and of PEFT's on the reference model: the same losses and
+    adapter gradients (1e-5) at every step, from the same adapters, and the same adapters after the
+    last step."""
+    import peft
     rank, alpha = 4, 8.0
     config, reference, training = _lora_model(model_dir, rank, alpha)
     with torch.no_grad():  # B off zero so that the first steps already move every adapter
@@ -178,6 +192,14 @@ def test_lora_training_matches_peft_on_the_reference_model(model_dir):
     training.train(), peft_model.train()
     pairs = ((training, opt_ours, list(ours.values())), (peft_model, opt_theirs, theirs))
     for step in range(3):
+        if step:
+            # each step's forward from the same adapters: AdamW's first step moves an element by +-lr
+            # whatever its gradient's size, so an element whose gradient is rounding noise in both
+            # models moves by opposite lr's in the two, and the next gradients would differ by more than
+            # the rounding of either implementation (1.8e-5 at step 1 on some CPUs)
+            result = peft.set_peft_model_state_dict(
+                peft_model, hf_adapter.lora_to_peft({n: p.detach() for n, p in ours.items()}, config.n_routed_experts))
+            assert not [k for k in result.unexpected_keys if "lora" in k]
         losses = [model(input_ids=ids[step], labels=ids[step]).loss for model, _, _ in pairs]
         for loss in losses:
             loss.backward()
@@ -391,7 +413,7 @@ def test_the_run_matches_peft_on_the_reference_model(runs):
     trained = hf_adapter.lora_from_peft(peft.get_peft_model_state_dict(model), config.n_routed_experts)
     got = _gathered(runs, "peft")
     for n, value in trained.items():
-        assert _rel(got[n], value) < 1e-5, n
+        assert _same_after_adamw(got[n], value, LR), (n, _rel(got[n], value), (got[n] - value).abs().max().item())
 
 
 def test_bf16_compute_keeps_the_frozen_base_in_bf16_and_fp32_adapters(runs):
