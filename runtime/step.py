@@ -252,61 +252,28 @@ def loss_group(run_mesh):
     return None
 
 
-MAX_GRAD_NORM = 1.0  # gradients are clipped to this global L2 norm
-
-
-def steps_on_device(optimizer):
-    """Whether every parameter group runs the fused AdamW kernel, which takes the clipping factor and
-    the skip flag as device tensors (its grad_scale and found_inf), so the step can be launched
-    before the host has read the loss or the gradient norm."""
-    return all(group.get("fused") for group in optimizer.param_groups)
-
-
-def launch_device_step(optimizer, totals, norm, max_norm=MAX_GRAD_NORM):
-    """Launches the fused AdamW step with nothing read by the host: each gradient is divided by
-    max(1, (norm + 1e-6) / max_norm) inside the kernel (clip_gradients' factor, as its reciprocal),
-    and a non-finite loss part or norm sets found_inf, on which the kernel leaves every weight, moment
-    and step count as it was. The attributes are the ones torch.amp.GradScaler hands a fused
-    optimizer (Adam/AdamW read them in step()); they are removed again after the step."""
-    finite = torch.isfinite(totals).all() & torch.isfinite(norm)
-    optimizer.found_inf = (~finite).float()
-    optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0).float()
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.found_inf, optimizer.grad_scale
-
-
 def finish_step(step, parts, params, expert_params, run_mesh, optimizer, scheduler, guard=None):
-    """J summed over the ranks, gradients clipped at norm MAX_GRAD_NORM, the optimizer and schedule
-    stepped. Returns (loss, cross-entropy part, balance-loss part, gradient norm, learning rate used).
-    A non-finite loss or gradient norm raises NonFiniteError with the weights as they were. With an
+    """J summed over the ranks, gradients clipped at norm 1.0, the optimizer and schedule stepped.
+    Returns (loss, cross-entropy part, balance-loss part, gradient norm, learning rate used). With an
     UpdateGuard, a step that made the weights non-finite or absurd raises DivergedError (after the
-    optimizer step, before anything can save it).
-
-    With the fused AdamW the step is launched before the host reads the loss and the norm
-    (launch_device_step), so the device goes from the backward straight into the optimizer step;
-    otherwise the host reads them first, then clips and steps."""
+    optimizer step, before anything can save it)."""
     totals = torch.stack(list(parts))
     dist.all_reduce(totals, group=loss_group(run_mesh))
     norm, local_grads = global_norm(params, [p.grad for p in params], run_mesh, expert_params)
-    lr = scheduler.get_last_lr()[0]
-    if guard is not None:
-        guard.before_step()
-    on_device = steps_on_device(optimizer)
-    if on_device:
-        launch_device_step(optimizer, totals, norm)
     # the step's one wait for the device: the loss parts and the gradient norm read together
     ce, aux, grad_norm = torch.cat([totals, norm.reshape(1)]).tolist()
     loss = ce + aux
+    clip_gradients(local_grads, grad_norm, 1.0)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise NonFiniteError(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
                              "stopped before the optimizer step (lower --lr or check the data)")
-    if not on_device:
-        clip_gradients(local_grads, grad_norm, MAX_GRAD_NORM)
-        optimizer.step()
+    lr = scheduler.get_last_lr()[0]
+    if guard is not None:
+        guard.before_step()
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     if guard is not None:
         guard.after_step(step)
     return loss, ce, aux, grad_norm, lr
+

@@ -210,10 +210,13 @@ def test_resume_takes_lr_and_weight_decay_from_the_flags(base, tmp_path):
     assert {v for k, v in values.items() if k.endswith(".initial_lr")} == {1e-4}
 
 
-def test_a_diverging_step_is_not_saved_and_the_last_healthy_checkpoint_is_named(base, tmp_path):
+@pytest.mark.parametrize("optimizer", [[], ["--fused_adamw"]], ids=["foreach", "fused"])
+def test_a_diverging_step_is_not_saved_and_the_last_healthy_checkpoint_is_named(base, tmp_path, optimizer):
+    """A step whose update is absurd (--lr 1e6) raises DivergedError before it is saved, with the
+    foreach and the fused AdamW alike."""
     save = _copy_save(base, tmp_path)
     r = _train(base, "--max_steps", "9", "--save_every", "1", "--save_dir", save, "--resume_path", "last",
-               "--lr", "1e6")
+               "--lr", "1e6", *optimizer)
     assert r.returncode == 3, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if "last healthy checkpoint" in line]

@@ -236,56 +236,6 @@ def test_fused_adamw_flag_reaches_the_optimizer():
     assert build_optimizer(params, fused)[0].defaults["fused"] is True
 
 
-def _optimizer_pair(fused):
-    from runtime.step import build_optimizer
-    g = torch.Generator().manual_seed(3)
-    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((7, 5), (11,), (3, 2, 4))]
-    for p in params:
-        p.grad = 3.0 * torch.randn(p.shape, generator=g)  # a global norm well above 1: clipping applies
-    args = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1, fused_adamw=fused, lr=0.1,
-                   weight_decay=0.1)
-    return params, build_optimizer(params, args)[0]
-
-
-def test_the_fused_step_launched_before_the_read_clips_as_the_host_does():
-    """launch_device_step (the fused AdamW with clipping as its grad_scale, launched before the host
-    reads the norm) gives the weights and moments of host-side clipping followed by the step."""
-    from runtime.step import MAX_GRAD_NORM, clip_gradients, launch_device_step, steps_on_device
-    host_params, host_opt = _optimizer_pair(fused=True)
-    device_params, device_opt = _optimizer_pair(fused=True)
-    assert steps_on_device(device_opt) and not steps_on_device(_optimizer_pair(fused=False)[1])
-    norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in host_params]).double())
-    assert norm > 2 * MAX_GRAD_NORM
-    clip_gradients([p.grad for p in host_params], float(norm), MAX_GRAD_NORM)
-    host_opt.step()
-    launch_device_step(device_opt, torch.zeros(2, dtype=torch.float64), norm)
-    assert not hasattr(device_opt, "grad_scale") and not hasattr(device_opt, "found_inf")
-    for a, b in zip(host_params, device_params):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(device_opt.state[b][key], host_opt.state[a][key], rtol=1e-6, atol=1e-9)
-
-
-@pytest.mark.parametrize("bad", ["loss", "norm"])
-def test_a_non_finite_value_leaves_the_fused_step_undone(bad):
-    """A non-finite loss part or gradient norm: the launched fused step changes no weight, moment or
-    step count (what NonFiniteError promises: stopped before the optimizer step)."""
-    from runtime.step import launch_device_step
-    params, opt = _optimizer_pair(fused=True)
-    launch_device_step(opt, torch.zeros(2, dtype=torch.float64), torch.tensor(5.0, dtype=torch.float64))
-    before = [p.detach().clone() for p in params]
-    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-    for p in params:
-        p.grad = torch.ones_like(p)
-    totals = torch.tensor([float("nan") if bad == "loss" else 1.0, 0.0], dtype=torch.float64)
-    norm = torch.tensor(float("inf") if bad == "norm" else 2.0, dtype=torch.float64)
-    launch_device_step(opt, totals, norm)
-    for p, b, st in zip(params, before, state):
-        assert torch.equal(p, b)
-        for key, value in st.items():
-            assert torch.equal(opt.state[p][key], value), key
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("speed")
