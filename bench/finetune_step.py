@@ -89,11 +89,19 @@ def kernel_kind(name):
     return "other"
 
 
+def gpu_kernels(profiler):
+    """The profiler's GPU kernels: its CUDA-side events less the user annotations (a record_function
+    scope also appears on the GPU timeline, spanning the kernels it launched, which would count
+    twice: the trainer's phases did under --profile_host)."""
+    return [e for e in profiler.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
 def kernel_summary(profiler, timed_wall_s, timed_steps):
     """What the GPU did over the timed steps (the last `timed_wall_s` seconds of kernels the profiler
     saw): the share of that time some kernel ran (the rest: the GPU waiting for the host), and kernel
     time per step by kind and by kernel."""
-    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = gpu_kernels(profiler)
     if not kernels:
         return "profile: no CUDA kernels recorded"
     end = max(e.time_range.end for e in kernels)

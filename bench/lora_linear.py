@@ -30,6 +30,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.finetune_step import gpu_kernels  # noqa: E402
 from bench.train_step import cuda_median_ms  # noqa: E402
 from modeling.lora import LoraLinear  # noqa: E402
 
@@ -70,8 +71,7 @@ def kernel_ms_per_call(fn, iters):
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.time_range.end - e.time_range.start for e in kernels) / 1e3 / iters
+    return sum(e.time_range.end - e.time_range.start for e in gpu_kernels(profiler)) / 1e3 / iters
 
 
 def time_projection(n_in, n_out, tokens, rank, warmup, iters, device):

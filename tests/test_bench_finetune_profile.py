@@ -11,15 +11,18 @@ from bench.finetune_step import kernel_summary
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
 
-def _event(name, device, start_us, end_us):
-    return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start_us, end=end_us))
+def _event(name, device, start_us, end_us, annotation=False):
+    return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start_us, end=end_us),
+                           is_user_annotation=annotation)
 
 
 def test_profile_summary_finds_the_idle_span_and_what_the_host_did_in_it():
     events = [_event("nvjet_gemm", CUDA, 0, 4000), _event("cutlass_grouped_gemm", CUDA, 4000, 7000),
               # 2 ms of idle GPU while the host steps the optimizer
               _event("triton_poi_fused_add", CUDA, 9000, 10000),
-              _event("train.finish_step", CPU, 6500, 9500), _event("Optimizer.step#AdamW.step", CPU, 7100, 8900)]
+              _event("train.finish_step", CPU, 6500, 9500), _event("Optimizer.step#AdamW.step", CPU, 7100, 8900),
+              # a record_function scope on the GPU timeline: not a kernel, its span not busy time
+              _event("train.forward_backward", CUDA, 0, 10000, annotation=True)]
     trace = SimpleNamespace(events=lambda: events)
     text = kernel_summary(trace, timed_wall_s=0.010, timed_steps=1)
     assert "GPU busy 80.0 %" in text
