@@ -116,15 +116,20 @@ def kernel_summary(profiler, timed_wall_s, timed_steps):
         by_name[name] = by_name.get(name, 0.0) + (e - s)
     per_step = 1e3 * timed_steps
     gaps, previous = {}, None  # the GPU's idle spans between kernels, by the kernels around them
+    short_idle = 0.0  # idle in gaps of at most 50 us: kernels launched no faster than they run
     for s, e, name in spans:
         if previous is not None and s - previous[0] > 50:
             key = (previous[1][:60], name[:60])
             total, count = gaps.get(key, (0.0, 0))
             gaps[key] = (total + s - previous[0], count + 1)
+        elif previous is not None:
+            short_idle += max(0.0, s - previous[0])
         if previous is None or e > previous[0]:
             previous = (e, name)
     lines = [f"profile over the {timed_steps} timed steps: GPU busy {100 * busy / (end - start):.1f} % of "
-             f"{timed_wall_s / timed_steps * 1e3:.1f} ms per step; kernel ms per step by kind:"]
+             f"{timed_wall_s / timed_steps * 1e3:.1f} ms per step; {len(spans) / timed_steps:.0f} kernels per step, "
+             f"{short_idle / per_step:.2f} ms per step idle in gaps of at most 50 us (the host launching no faster "
+             "than the kernels run); kernel ms per step by kind:"]
     lines += [f"  {kind:20s} {t / per_step:8.2f}" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])]
     lines.append("top kernels, ms per step:")
     lines += [f"  {t / per_step:8.2f}  {name[:110]}" for name, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]]
