@@ -117,8 +117,10 @@ class ExecutionOptions(Options):
         "execution", choices=ATTENTION_KERNELS)
     compile: str = option(
         "none", "torch.compile of each decoder layer's forward (layer), the same with the routed experts left "
-                "eager (layer_eager_experts), or only RMSNorm and RoPE as fused kernels (norm_rope); needs bf16 "
-                "compute; the first step includes the compile time", "execution", choices=COMPILE_SCOPES)
+                "eager (layer_eager_experts), the same as layer replayed as CUDA graphs (layer_cudagraphs: one "
+                "device, LoRA, CUDA; never chosen by the search), or only RMSNorm and RoPE as fused kernels "
+                "(norm_rope); needs bf16 compute; the first step includes the compile time", "execution",
+        choices=COMPILE_SCOPES)
     ce_chunk_tokens: int = option(
         0, "compute the cross-entropy from the final hidden states this many positions at a time, never "
            "holding the full float32 logits (0: the plain loss over full logits; with pipeline stages the last "

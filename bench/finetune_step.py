@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.train_step import PEAK_TFLOPS, active_parameters, flops_per_token, write_model_dir  # noqa: E402
 from compiler.cost_model import RESERVED_GIB  # noqa: E402
 from modeling import IGNORE_INDEX  # noqa: E402
+from options import COMPILE_SCOPES  # noqa: E402
 
 
 def packed_examples(rows, seq_len, generator):
@@ -182,6 +183,9 @@ def main(argv=None):
     p.add_argument("--mem_limit_gib", type=float, default=80.0, help="the compiler's memory limit")
     p.add_argument("--micro_batch_size", default="auto", help="rows per micro-batch, or auto (the compiler)")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
+    p.add_argument("--compile", default=None, choices=COMPILE_SCOPES,
+                   help="pin the plan's --compile scope (default: the compiler chooses), e.g. layer_cudagraphs "
+                        "(each compiled layer replayed as CUDA graphs, which the search never chooses)")
     p.add_argument("--peak_tflops", type=float, default=PEAK_TFLOPS, help="MFU denominator (dense bf16 peak)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out_dir", default=None, help="plan, data and run logs (default: a temporary directory)")
@@ -221,7 +225,8 @@ def main(argv=None):
     plan, _ = compile_plan(CompileOptions(
         model_id=model_id, plan_ngpus=1, runtime_ngpus=1, seq_len=args.seq_len, micro_batch_size=micro,
         global_batch_size=args.rows, mem_limit_gib=args.mem_limit_gib, device_profile=args.device_profile,
-        plan_out=plan_path, report=False, document_masking=args.packing == "on", **lora))
+        plan_out=plan_path, report=False, document_masking=args.packing == "on", **lora,
+        **({"compile": args.compile} if args.compile else {})))
     compile_s = time.perf_counter() - started
     setup = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
              "model": os.path.basename(args.model_dir), "layers": config.num_hidden_layers, "seq_len": args.seq_len,

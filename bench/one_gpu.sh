@@ -10,14 +10,14 @@
 #
 # 1. bench/packed_attention.py: document-masked attention kernel by kernel (a minute);
 # 2. bench/lora_linear.py: the LoRA projection formulations, GPU kernel time (seconds);
-# 3. bench/finetune_step.py: LoRA rank 64 on the full DeepSeek-Coder-V2-Lite, the compiler's plan
-#    (two minutes);
+# 3. bench/finetune_step.py: LoRA rank 64 on the full DeepSeek-Coder-V2-Lite, the compiler's plan,
+#    then the same with --compile layer_cudagraphs (two minutes each);
 # 4. bench/train_step.py --variants plan, PLAN_RUNS times in separate processes (the run-to-run
 #    spread of the 4-layer slice's plan, about 40 s each);
 # 5. bench/train_step.py --variants plan_vs_hand, the table (base, plan, all options at micro-batch
 #    8 / 16 / 32) with predictions (about 70 s; TABLE=0 skips it).
-# About six minutes in all on an H200 (2026-12-02: the same runs took 260 s and 275 s of two calls),
-# so one 600 s device call holds it.
+# About eight minutes in all on an H200 (2026-12-02: the runs other than the CUDA-graph one took 260 s
+# and 275 s of two calls), so one 600 s device call holds it; PLAN_RUNS=1 or TABLE=0 leave more room.
 set -uo pipefail
 PROFILE=${1:-h200}
 PLAN_RUNS=${2:-3}
@@ -35,6 +35,10 @@ run() {  # run NAME COMMAND...: its output to $OUT/NAME.log, the last line shown
 run packed_attention python bench/packed_attention.py --json "$OUT/packed_attention.json"
 run lora_linear python bench/lora_linear.py --json "$OUT/lora_linear.json"
 run finetune_step python bench/finetune_step.py --device_profile "$PROFILE" --json "$OUT/finetune_step.json"
+# the same plan with each compiled layer replayed as CUDA graphs (the search never picks it; perf_hints
+# logs any layer inductor could not graph, and why)
+TORCH_LOGS=perf_hints run finetune_step-cudagraphs python bench/finetune_step.py --device_profile "$PROFILE" \
+    --compile layer_cudagraphs --json "$OUT/finetune_step-cudagraphs.json"
 for i in $(seq 1 "$PLAN_RUNS"); do
     run "train_step-plan-$i" "${TRAIN[@]}" --variants plan --json "$OUT/train_step-plan-$i.json"
 done

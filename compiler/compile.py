@@ -16,7 +16,8 @@ import torch
 from compiler.cost_model import CostModel, model_costs
 from compiler.plan import Plan, PlanError, Stage, default_plan_path, model_fingerprint, model_name_of, summarize
 from compiler.profiles import load_profile
-from compiler.execution import attention_choices, describe_effects, effects, pinned_options, variants
+from compiler.execution import (attention_choices, cudagraph_refusal, describe_effects, effects, pinned_options,
+                                variants)
 from compiler.search import NoPlanFits, SearchResult, divisors, explain, search
 from compiler.trace import build_traced_model, trace_training_step
 from modeling import spec
@@ -53,6 +54,9 @@ def check_options(options: CompileOptions):
     if options.plan_ngpus > MAX_PLAN_DEVICES:
         raise PlanError(f"--plan_ngpus {options.plan_ngpus}: a plan spans at most {MAX_PLAN_DEVICES} devices; compile "
                         "a plan for fewer and replicate it with --runtime_ngpus")
+    reason = cudagraph_refusal(options.compile, runtime, bool(options.lora_rank))
+    if reason:
+        raise PlanError(reason)
     if micro != "auto" and options.global_batch_size % micro:
         raise PlanError(f"--global_batch_size {options.global_batch_size} is not a multiple of --micro_batch_size "
                         f"{options.micro_batch_size}")

@@ -266,7 +266,7 @@ class CostModel:
         # --zero3_keep_gathered: FSDP units kept gathered from forward to backward under ZeRO 3
         self.keep_gathered = int(execution.zero3_keep_gathered or 0)
         # --compile layer: each decoder layer one torch.compile region
-        self.compiled_layers = execution.compile == "layer"
+        self.compiled_layers = execution.compile in spec.WHOLE_LAYER_SCOPES
         # --ce_chunk_tokens: the loss from hidden states, N positions at a time (0: full logits)
         self.loss_chunk_tokens = int(execution.ce_chunk_tokens or 0)
         # --defer_grad_sync: one cast and gradient reduction per step (ZeRO 0)

@@ -42,6 +42,29 @@ def unsupported(execution: ExecutionOptions, pp, zero, dtype) -> Optional[str]:
     return None
 
 
+def cudagraph_refusal(compile_scope, devices, lora, backend="inductor", device="cuda") -> Optional[str]:
+    """Why `--compile layer_cudagraphs` cannot run with these settings, or None (any other scope: None).
+    A CUDA graph replays fixed addresses and may not wait for the host: FSDP gathers the weights into
+    fresh memory each step (every plan of several devices, and full training on one, where it casts
+    them for mixed precision), and expert parallelism reads its split sizes on the host inside the
+    layer. So it runs on one device, with LoRA (whose frozen base needs no FSDP), compiled by inductor
+    on CUDA. The search never chooses it (its gain is not in the profiles); a user pins it."""
+    if compile_scope != "layer_cudagraphs":
+        return None
+    if devices != 1:
+        return (f"--compile layer_cudagraphs runs on one device, not {devices} (FSDP gathers the weights into new "
+                "memory each step and a CUDA graph replays fixed addresses); use --compile layer")
+    if not lora:
+        return ("--compile layer_cudagraphs needs a LoRA run (--lora_rank): full training wraps the layers in FSDP "
+                "for mixed precision, whose gathered weights a CUDA graph cannot replay; use --compile layer")
+    if backend != "inductor":
+        return (f"--compile layer_cudagraphs needs --compile_backend inductor (CUDA graphs are its reduce-overhead "
+                f"mode), not {backend}")
+    if device != "cuda":
+        return f"--compile layer_cudagraphs needs --device cuda (CUDA graphs), not {device}"
+    return None
+
+
 def variants(given: ExecutionOptions, pinned: Iterable[str], dtype, attention: Iterable[str] = ()) \
         -> List[ExecutionOptions]:
     """Every combination the search scores: each costed option not in `pinned` takes its plain value

@@ -36,6 +36,7 @@ from .training_form import (  # noqa: F401 - what the runtime may use of the tra
     EXPERT_LORA_PARAMETERS,
     EXPERT_PARAMETERS,
     ROUTER_ANNOTATION,
+    WHOLE_LAYER_SCOPES,
     MoEBlock,
     apply_training_form,
     compile_layers,

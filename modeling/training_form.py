@@ -306,8 +306,14 @@ class MoEBlock(nn.Module):
 # residuals, the router's surroundings and the routed experts' permute/unpermute fused with their
 # neighbours). layer_eager_experts: the same with the routed-expert block left out (a graph
 # break): bench/moe_block.py found that block slower compiled whole than with its own fused
-# kernels (bench/RESULTS.md, "whole").
-COMPILE_SCOPES = ("none", "norm_rope", "layer", "layer_eager_experts")
+# kernels (bench/RESULTS.md, "whole"). layer_cudagraphs: as layer, each compiled layer replayed as
+# CUDA graphs (inductor's reduce-overhead mode), so the host launches one graph per layer and pass
+# instead of each of its kernels: for steps of many small kernels (LoRA's adapters), where the GPU
+# waits on the host's launches; it needs the layers' weights at fixed addresses (no FSDP gathering
+# them), so runs allow it on one device with LoRA only (compiler/execution.cudagraph_refusal).
+COMPILE_SCOPES = ("none", "norm_rope", "layer", "layer_eager_experts", "layer_cudagraphs")
+# the scopes that compile each decoder layer whole (the cost model prices them alike)
+WHOLE_LAYER_SCOPES = ("layer", "layer_cudagraphs")
 _COMPILED_FUNCTIONS = {}
 
 
@@ -346,11 +352,17 @@ def compile_layers(layers, scope, backend="inductor", norms=()):
             if isinstance(module, (DeepseekV2Attention, DeepseekAttention)):
                 module.rotary_fn = rotary_fn
         return
+    graphs = {}
+    if scope == "layer_cudagraphs":
+        if backend != "inductor":
+            raise ValueError(f"compile scope layer_cudagraphs needs the inductor backend (CUDA graphs are its "
+                             f"reduce-overhead mode), not {backend!r}")
+        graphs = {"mode": "reduce-overhead"}
     for layer in layers:
         if scope == "layer_eager_experts" and isinstance(layer.mlp, MoEBlock):
             experts = layer.mlp.experts
             experts.forward = torch.compiler.disable(experts.forward)
-        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=False)
+        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=False, **graphs)
 
 
 # ----------------------------------------------------------------------------------------------

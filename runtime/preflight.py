@@ -14,7 +14,7 @@ import time
 import torch.distributed as dist
 
 from errors import UserError
-from compiler.execution import unsupported
+from compiler.execution import cudagraph_refusal, unsupported
 from compiler.plan import Plan, default_plan_path, model_fingerprint, model_name_of
 from modeling.kernels import flash_attn_func
 from options import ATTENTION_KERNELS, COMPILE_SCOPES, ExecutionOptions, RunOptions
@@ -90,7 +90,7 @@ def check_run(args: RunOptions, plan: Plan, plan_path, world_size):
         raise RunError(f"{world_size} processes were started but --runtime_ngpus is {runtime}; start "
                        f"`torchrun --nproc_per_node {runtime}` or change --runtime_ngpus")
     adopt_plan_execution(args, plan)
-    check_execution(args, plan, plan_path)
+    check_execution(args, plan, plan_path, runtime)
     for flag, value, planned in (("--seq_len", args.seq_len, plan.search_inputs["seq_len"]),
                                  ("--micro_batch_size", args.micro_batch_size, plan.search_inputs["micro_batch_size"]),
                                  ("--global_batch_size", args.global_batch_size,
@@ -322,8 +322,9 @@ def adopt_plan_execution(args: RunOptions, plan: Plan):
             setattr(args, name, value)
 
 
-def check_execution(args: RunOptions, plan: Plan, plan_path):
-    """The execution options against the plan and the compute dtype."""
+def check_execution(args: RunOptions, plan: Plan, plan_path, devices=None):
+    """The execution options against the plan, the compute dtype and the run's `devices` (default: its
+    --runtime_ngpus, else the plan's devices)."""
     if args.attention is not None and args.attention not in ATTENTION_KERNELS:
         raise RunError(f"--attention {args.attention}: choose one of {', '.join(ATTENTION_KERNELS)}")
     if args.compile not in COMPILE_SCOPES:
@@ -337,6 +338,10 @@ def check_execution(args: RunOptions, plan: Plan, plan_path):
     reason = unsupported(args.execution(), plan.mesh["pp"], plan.zero["level"], compute_dtype_name(args))
     if reason:
         raise RunError(f"{plan_path}: {reason}; drop the flag (--dtype bf16 for compiled layers) or recompile the plan")
+    devices = devices or args.runtime_ngpus or plan.plan_ngpus
+    reason = cudagraph_refusal(args.compile, devices, plan.lora is not None, args.compile_backend, args.device)
+    if reason:
+        raise RunError(reason)
 
 
 # ---- the data against the plan -----------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def forward_backward_step(model, local_batch, shape: StepShape, args):
     aux_total = torch.zeros((), dtype=torch.float64, device=device)
     micro_batches = local_batch.split(shape.micro_batch_size)
     for i, mb in enumerate(micro_batches):
+        begin_graph_replays(args)
         if args.defer_grad_sync:
             defer_grad_sync(model, last_microbatch=(i == len(micro_batches) - 1))
         ce_sum, aux = micro_batch_loss(model, mb, args.ce_chunk_tokens)
@@ -96,6 +97,14 @@ def forward_backward_step(model, local_batch, shape: StepShape, args):
         loss.backward()
         ce_total += ce.detach().double()
     return ce_total, aux_total
+
+
+def begin_graph_replays(args):
+    """Under --compile layer_cudagraphs, tells the CUDA graphs of the layers that a new micro-batch
+    starts: the previous one's forward and backward are done, so the graphs' output memory may be
+    overwritten by the next replays (torch.compiler.cudagraph_mark_step_begin)."""
+    if args.compile == "layer_cudagraphs":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def micro_batch_loss(model, batch, ce_chunk_tokens):
@@ -130,6 +139,7 @@ def forward_only_loss_sum(model, local_batch, shape: StepShape, args):
     total = torch.zeros((), dtype=torch.float64, device=local_batch.input_ids.device)
     with torch.no_grad():
         for mb in local_batch.split(shape.micro_batch_size):
+            begin_graph_replays(args)
             ce_sum, _ = micro_batch_loss(model, mb, args.ce_chunk_tokens)
             total += ce_sum.double()
     return total

@@ -152,7 +152,8 @@ def _graphs():
     return sum(counters["stats"].get(k, 0) for k in ("unique_graphs",))
 
 
-@pytest.mark.parametrize("scope", [s for s in COMPILE_SCOPES if s != "none"])
+# layer_cudagraphs compiles the graphs of `layer` (CUDA graphs replay them on CUDA only): its wiring below
+@pytest.mark.parametrize("scope", [s for s in COMPILE_SCOPES if s not in ("none", "layer_cudagraphs")])
 def test_compiled_layers_equal_eager(scope):
     """bf16 (torch._grouped_mm compiles only for bf16), the aot_eager backend (the graphs torch.compile
     captures, run with eager kernels: no code generation on a CPU): forward and backward through
@@ -181,6 +182,66 @@ def test_compiled_layers_equal_eager(scope):
     names = [n for n, _ in compiled.named_parameters()]
     assert names == [n for n, _ in eager.named_parameters()]  # checkpoint names unchanged
     torch._dynamo.reset()
+
+
+def test_layer_cudagraphs_compiles_each_layer_in_reduce_overhead_mode(monkeypatch):
+    """layer_cudagraphs: each decoder layer's forward compiled whole by inductor in its reduce-overhead
+    mode (CUDA graphs), where layer compiles it in the default mode; another backend is refused."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    for scope in ("layer", "layer_cudagraphs"):
+        model = apply_training_form(build_model(_config(), device="meta"))
+        compile_layers(model.model.layers, scope)
+    layers = len(model.model.layers)
+    assert calls == [{"backend": "inductor", "dynamic": False}] * layers + \
+        [{"backend": "inductor", "dynamic": False, "mode": "reduce-overhead"}] * layers
+    with pytest.raises(ValueError, match="layer_cudagraphs needs the inductor backend"):
+        compile_layers(model.model.layers, "layer_cudagraphs", backend="aot_eager")
+
+
+@pytest.mark.parametrize("devices,lora,backend,device,message", [
+    (2, True, "inductor", "cuda", "runs on one device, not 2"),
+    (1, False, "inductor", "cuda", "needs a LoRA run (--lora_rank)"),
+    (1, True, "aot_eager", "cuda", "needs --compile_backend inductor"),
+    (1, True, "inductor", "cpu", "needs --device cuda"),
+    (1, True, "inductor", "cuda", None),
+])
+def test_layer_cudagraphs_is_refused_where_a_graph_cannot_replay(devices, lora, backend, device, message):
+    from compiler.execution import cudagraph_refusal
+    reason = cudagraph_refusal("layer_cudagraphs", devices, lora, backend, device)
+    assert (reason is None) if message is None else (message in reason)
+    assert all(cudagraph_refusal(scope, devices, lora, backend, device) is None
+               for scope in COMPILE_SCOPES if scope != "layer_cudagraphs")
+
+
+def test_layer_cudagraphs_is_refused_by_compile_and_run_with_the_fix(tmp_path):
+    """compile refuses it for several devices or without LoRA; a run refuses it on a CPU; both in one
+    line naming the flag."""
+    from compiler.compile import compile_plan
+    from compiler.plan import PlanError
+    from options import CompileOptions
+    model_dir = os.path.join(CONFIGS, "tiny-deepseek-v2")
+    base = dict(model_id=model_dir, seq_len=32, micro_batch_size=2, global_batch_size=4, device_profile="cpu",
+                compute_dtype="bf16", report=False, compile="layer_cudagraphs")
+    with pytest.raises(PlanError, match="runs on one device, not 2"):
+        compile_plan(CompileOptions(plan_ngpus=2, lora_rank=4, plan_out=str(tmp_path / "a.json"), **base))
+    with pytest.raises(PlanError, match="needs a LoRA run"):
+        compile_plan(CompileOptions(plan_ngpus=1, plan_out=str(tmp_path / "b.json"), **base))
+    plan, _ = compile_plan(CompileOptions(plan_ngpus=1, lora_rank=4, plan_out=str(tmp_path / "p.json"), **base))
+    assert plan.execution["compile"] == "layer_cudagraphs"
+    # priced as compiled layers (the same kernels; the launches it saves are not in the profiles), on a
+    # profile whose compiled layers differ from eager ones
+    def predicted(scope):
+        p, _ = compile_plan(CompileOptions(plan_ngpus=1, lora_rank=4, plan_out=str(tmp_path / f"{scope}.json"),
+                                           pinned=("compile",), **{**base, "compile": scope, "device_profile": "h200"}))
+        assert p.execution.get("compile", "none") == scope  # (a plan records what differs from the plain path)
+        return p.predicted["step_time_s"], p.predicted["peak_memory_gib"]
+    assert predicted("layer_cudagraphs") == predicted("layer") != predicted("none")
+    r = subprocess.run([sys.executable, "train.py", "--device", "cpu", "--dtype", "bf16", "--max_steps", "1",
+                        "--model_id", model_dir, "--plan", str(tmp_path / "p.json"), "--runtime_ngpus", "1",
+                        "--dataset_path", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--compile layer_cudagraphs needs --device cuda" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
 
 
 def test_compile_layers_refuses_an_unknown_scope():
