@@ -113,8 +113,8 @@ class _ChunkedLinearCrossEntropySum(torch.autograd.Function):
             loss, grad_nV = _cross_entropy_and_grad(h_nD @ weight_VD.t(), targets_N[start:start + chunk_rows])
             total += loss
             # grad_nV is in the compute dtype, as the plain path's lm_head backward GEMMs see it
-            if want_hidden:
-                grad_hidden_ND[start:start + chunk_rows] = grad_nV @ weight_VD
+            if want_hidden:  # written in place into its rows (a contiguous slice): no temporary and copy
+                torch.mm(grad_nV, weight_VD, out=grad_hidden_ND[start:start + chunk_rows])
             if want_weight:
                 part_VD = grad_nV.t() @ h_nD
                 if len(starts) == 1:
