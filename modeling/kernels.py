@@ -609,9 +609,9 @@ def grouped_swiglu_lora(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2
                         scaling, dropout_p=0.0, backend="torch"):
     """grouped_swiglu with each expert's LoRA updates, rows already grouped by expert: [N, D].
 
-    gate_up = x W_gu^T + scaling * [x A_g^T B_g^T | x A_u^T B_u^T] (expert e's gate_proj and up_proj
+    gate_up = x W_gu^T + [x A_g^T (s B_g)^T | x A_u^T (s B_u)^T] (s = scaling; expert e's gate_proj and up_proj
     adapters are [e, 0] and [e, 1] of the stacked A and B), then the weighted SwiGLU h, then
-    y = h W_d^T + scaling * (h A_d^T) B_d^T. Every product is one grouped GEMM over all experts with
+    y = h W_d^T + (h A_d^T) (s B_d)^T. Every product is one grouped GEMM over all experts with
     the base's group offsets (5 small ones beside the base's 2: A of gate and up together, B of each,
     A and B of down); the adapters are cast to the rows' dtype, so fp32 adapters train over a bf16
     base. The routing weight scales h before the down projection (inside the SwiGLU kernel, as in
@@ -631,6 +631,10 @@ def grouped_swiglu_lora(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2
     def mm(rows, w):
         return grouped_mm(rows, w.to(dtype), group_end_offsets_E, counts_E, backend)
 
+    # the scaling is folded into the B's (tiny [E, F, r] / [E, D, r] products): each update then
+    # adds as it is, and its gradient is the base output's own gradient, with no [N, F] or [N, D]
+    # scaled copy of it in the backward
+    lora_B_gate_up_E2FR, lora_B_down_EDR = lora_B_gate_up_E2FR * scaling, lora_B_down_EDR * scaling
     gate_up_N2F = mm(x_grouped_ND, gate_up_E2FD.reshape(E, 2 * F_, D))
     # both A's in one GEMM: [N, 2r] = [x A_gate^T | x A_up^T]
     xa_N2R = mm(_lora_rows(x_grouped_ND, dropout_p), lora_A_gate_up_E2RD.reshape(E, 2 * r, D))
@@ -641,10 +645,10 @@ def grouped_swiglu_lora(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2
     # gradient), so modifying it in place is sound; autograd routes each half's gradient to its B.
     for half, columns in enumerate((slice(0, F_), slice(F_, 2 * F_))):
         update_NF = mm(xa_N2R[:, half * r:(half + 1) * r], lora_B_gate_up_E2FR[:, half])
-        gate_up_N2F[:, columns].add_(update_NF, alpha=scaling)
+        gate_up_N2F[:, columns].add_(update_NF)
     h_NF = weighted_swiglu(gate_up_N2F, weight_N1)
     update_down_ND = mm(mm(_lora_rows(h_NF, dropout_p), lora_A_down_ERF), lora_B_down_EDR)
-    return mm(h_NF, down_EDF).add(update_down_ND, alpha=scaling)
+    return mm(h_NF, down_EDF).add(update_down_ND)
 
 
 def expert_swiglu_lora(x_TD, topk_idx_TK, topk_weight_TK, gate_up_E2FD, down_EDF, lora_A_gate_up_E2RD,

@@ -93,7 +93,7 @@ class LoraConfig:
 
 # ---- adapted nn.Linear ----------------------------------------------------------------------------------------
 class LoraLinear(nn.Linear):
-    """nn.Linear with a low-rank update: y = x W^T + b + scaling * (drop(x) A^T) B^T.
+    """nn.Linear with a low-rank update: y = x W^T + b + (drop(x) A^T) (scaling B)^T.
 
     `weight` and `bias` keep their names (the base checkpoint maps unchanged); `lora_A` [r, in] and
     `lora_B` [out, r] are the adapters. The adapters are cast to the input's dtype for the product,
@@ -123,8 +123,11 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + update * self.scaling
+        # the scaling folded into B (an [out, r] product): the update's gradient is then y's own, with
+        # no scaled [tokens, out] copy of it in the backward
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)),
+                          (self.lora_B * self.scaling).to(x.dtype))
+        return y + update
 
     def extra_repr(self):
         return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}"
