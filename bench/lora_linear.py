@@ -5,7 +5,9 @@
 Shapes: DeepSeek-Coder-V2-Lite's adapted dense projections (hidden 2048): attention's q_proj,
 kv_a_proj_with_mqa, kv_b_proj, o_proj, and the shared experts' gate, up and down (2 x 1408 wide),
 `--tokens` rows, bf16 activations and frozen weight, fp32 adapters (as a LoRA run keeps them).
-Formulations, each checked against the other (outputs and the gradients of x, A and B):
+Formulations, the two adapted ones checked against each other (the gradients of x, A and B):
+
+* base: the frozen projection alone (no adapter; only x's gradient): the floor the adapters add to;
 
 * separate: the model's own `modeling.lora.LoraLinear` (y = x W^T + s (x A^T) B^T: the base GEMM,
   two skinny adapter GEMMs and an add);
@@ -85,7 +87,8 @@ def time_projection(n_in, n_out, tokens, rank, warmup, iters, device):
     linear.weight.requires_grad_(False)
     x = torch.randn(tokens, n_in, device=device, dtype=torch.bfloat16, generator=g, requires_grad=True)
     grad_y = torch.randn(tokens, n_out, device=device, dtype=torch.bfloat16, generator=g)
-    formulations = {"separate": lambda: linear(x),
+    formulations = {"base": lambda: torch.nn.functional.linear(x, linear.weight),  # no adapter: the floor
+                    "separate": lambda: linear(x),
                     "fused_k": lambda: FusedKLora.apply(x, linear.weight, linear.lora_A, linear.lora_B, linear.scaling)}
     results, grads = {}, {}
     for name, forward in formulations.items():
@@ -93,7 +96,8 @@ def time_projection(n_in, n_out, tokens, rank, warmup, iters, device):
             x.grad = linear.lora_A.grad = linear.lora_B.grad = None
             forward().backward(grad_y)
         step()
-        grads[name] = [t.grad.float().clone() for t in (x, linear.lora_A, linear.lora_B)]
+        if name != "base":
+            grads[name] = [t.grad.float().clone() for t in (x, linear.lora_A, linear.lora_B)]
         wall = cuda_median_ms(step, warmup, iters)
         results[name] = {"kernel_ms": kernel_ms_per_call(step, iters), "wall_ms": wall}
     for got, want, what in zip(grads["fused_k"], grads["separate"], ("x", "lora_A", "lora_B")):
@@ -116,19 +120,19 @@ def main(argv=None):
     device = torch.device("cuda")
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
            "rank": args.rank, "projections": {}}
-    total = {"separate": 0.0, "fused_k": 0.0}
+    total = {"base": 0.0, "separate": 0.0, "fused_k": 0.0}
     for name, (n_in, n_out) in PROJECTIONS.items():
         r = time_projection(n_in, n_out, args.tokens, args.rank, args.warmup, args.iters, device)
         out["projections"][name] = {"in": n_in, "out": n_out, **r}
         for k in total:
             total[k] += r[k]["kernel_ms"]
-        print(f"{name:20s} [{n_in} -> {n_out}]  kernels: separate {r['separate']['kernel_ms']:.3f} ms, fused_k "
+        print(f"{name:20s} [{n_in} -> {n_out}]  kernels: base {r['base']['kernel_ms']:.3f}, separate {r['separate']['kernel_ms']:.3f} ms, fused_k "
               f"{r['fused_k']['kernel_ms']:.3f} ms (wall {r['separate']['wall_ms']:.3f} / {r['fused_k']['wall_ms']:.3f}; "
               f"grad rel diff x {r['fused_k']['grad_x_rel_diff']:.1e}, A {r['fused_k']['grad_lora_A_rel_diff']:.1e}, "
               f"B {r['fused_k']['grad_lora_B_rel_diff']:.1e})", flush=True)
     out["per_layer_kernel_ms"] = total
     out["per_step_kernel_ms"] = {k: v * args.layers for k, v in total.items()}
-    print(f"kernel time per layer: separate {total['separate']:.3f} ms, fused_k {total['fused_k']:.3f} ms; x {args.layers} "
+    print(f"kernel time per layer: frozen projections alone {total['base']:.3f} ms, separate {total['separate']:.3f} ms, fused_k {total['fused_k']:.3f} ms; x {args.layers} "
           f"layers: {total['separate'] * args.layers:.1f} -> {total['fused_k'] * args.layers:.1f} ms per step")
     if args.json:
         with open(args.json, "w") as f:

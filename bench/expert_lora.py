@@ -1,0 +1,131 @@
+"""What the routed experts' LoRA adapters cost beside the frozen experts, on one GPU (an experiment).
+
+    python bench/expert_lora.py [--tokens 8192] [--experts 64] [--rank 64] [--json OUT.json]
+
+One MoE layer's routed-expert block of DeepSeek-Coder-V2-Lite (hidden 2048, moe_intermediate 1408,
+top-6 of `--experts`, uniform random routing), forward + backward as a LoRA fine-tuning step runs it:
+bf16 rows and frozen bf16 expert weights (no weight gradient), fp32 adapters of rank `--rank`.
+Variants, each through torch.compile (as the training form's compiled layers run it) and eagerly:
+
+* base: `kernels.expert_swiglu` on the frozen experts (only the input gradient);
+* lora: `kernels.expert_swiglu_lora`, the same block with the four stacked adapters.
+
+Reported per variant: the GPU kernels' time per call (summed durations under torch.profiler, gaps
+excluded), the CUDA-event wall time, and (for both lora variants and the compiled base) the kernel
+time of each operator by input shapes and of each kernel by name (which grouped GEMM, add or cast the adapters add), so the adapters' cost
+is attributed operator by operator. The sum times the MoE layer count (26) is what a LoRA step of the
+full model pays for its expert adapters.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.finetune_step import gpu_kernels  # noqa: E402
+from bench.train_step import cuda_median_ms  # noqa: E402
+from modeling import kernels  # noqa: E402
+from modeling.lora import expert_adapter_shapes  # noqa: E402
+
+HIDDEN, FFN, TOP_K, MOE_LAYERS = 2048, 1408, 6, 26
+
+
+def make_block(tokens, experts, rank, device, seed=0):
+    """(inputs, frozen weights, adapters, output gradient) of one layer's routed-expert block."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    x = torch.randn(tokens, HIDDEN, generator=g, **bf16)
+    topk_idx = torch.rand(tokens, experts, device=device, generator=g).topk(TOP_K, dim=-1).indices
+    topk_weight = torch.rand(tokens, TOP_K, device=device, generator=g).softmax(-1)
+    gate_up = torch.randn(experts, 2, FFN, HIDDEN, generator=g, **bf16) * HIDDEN ** -0.5
+    down = torch.randn(experts, HIDDEN, FFN, generator=g, **bf16) * FFN ** -0.5
+    adapters = [(torch.randn(shape, device=device, generator=g) * 0.02).requires_grad_()
+                for shape in expert_adapter_shapes(experts, HIDDEN, FFN, rank).values()]
+    grad_y = torch.randn(tokens, HIDDEN, generator=g, **bf16)
+    return x, topk_idx, topk_weight, gate_up, down, adapters, grad_y
+
+
+def kernel_ms_per_call(fn, iters, by_shape=False):
+    """GPU kernel milliseconds per call of fn; with by_shape also the operators' kernel time by shapes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                record_shapes=by_shape) as profiler:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(e.time_range.end - e.time_range.start for e in gpu_kernels(profiler)) / 1e3 / iters
+    if not by_shape:
+        return total, None
+    ops = []
+    for avg in profiler.key_averages(group_by_input_shape=True):
+        device_us = getattr(avg, "self_device_time_total", None)
+        if device_us is None:
+            device_us = avg.self_cuda_time_total
+        if device_us > 0 and not avg.key.startswith("ProfilerStep"):
+            ops.append({"op": avg.key, "shapes": str(avg.input_shapes)[:160], "ms": device_us / 1e3 / iters})
+    ops.sort(key=lambda o: -o["ms"])
+    return total, ops
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192, help="tokens of the micro-batch (each routed to top-6 experts)")
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/expert_lora.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    x0, idx, w, gate_up, down, adapters, grad_y = make_block(args.tokens, args.experts, args.rank, device)
+    scaling = 2.0
+
+    def base(x, w_in):
+        return kernels.expert_swiglu(x, idx, w_in, gate_up, down)
+
+    def lora(x, w_in):
+        return kernels.expert_swiglu_lora(x, idx, w_in, gate_up, down, *adapters, scaling)
+
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
+           "experts": args.experts, "rank": args.rank, "variants": {}}
+    for mode in ("compiled", "eager"):
+        for name, block in (("base", base), ("lora", lora)):
+            fn = torch.compile(block, fullgraph=False) if mode == "compiled" else block
+
+            def step(fn=fn):
+                x = x0.detach().requires_grad_()
+                w_in = w.detach().requires_grad_()
+                for a in adapters:
+                    a.grad = None
+                fn(x, w_in).backward(grad_y)
+            for _ in range(args.warmup):
+                step()
+            wall = cuda_median_ms(step, 2, args.iters)
+            detail = name == "lora" or mode == "compiled"
+            kernel, ops = kernel_ms_per_call(step, args.iters, by_shape=detail)
+            key = f"{name}_{mode}"
+            out["variants"][key] = {"kernel_ms": kernel, "wall_ms": wall}
+            print(f"{key:14s} kernels {kernel:.3f} ms, wall {wall:.3f} ms per forward + backward", flush=True)
+            if ops:
+                out["variants"][key]["ops"] = ops[:30]
+                for o in ops[:30]:
+                    print(f"    {o['ms']:7.3f} ms  {o['op'][:40]:40s} {o['shapes']}")
+    v = out["variants"]
+    for mode in ("compiled", "eager"):
+        extra = v[f"lora_{mode}"]["kernel_ms"] - v[f"base_{mode}"]["kernel_ms"]
+        out[f"adapter_kernel_ms_per_layer_{mode}"] = extra
+        print(f"{mode}: the adapters add {extra:.3f} ms of kernels per layer ({100 * extra / v[f'base_{mode}']['kernel_ms']:.0f} % "
+              f"of the frozen block), x {MOE_LAYERS} MoE layers = {extra * MOE_LAYERS:.1f} ms per step")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
