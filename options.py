@@ -118,7 +118,7 @@ class ExecutionOptions(Options):
     compile: str = option(
         "none", "torch.compile of each decoder layer's forward (layer), the same with the routed experts left "
                 "eager (layer_eager_experts), the same as layer replayed as CUDA graphs (layer_cudagraphs: one "
-                "device, LoRA, CUDA; never chosen by the search), or only RMSNorm and RoPE as fused kernels "
+                "device, LoRA, CUDA; chosen by the search where the device profile measured its gain), or only RMSNorm and RoPE as fused kernels "
                 "(norm_rope); needs bf16 compute; the first step includes the compile time", "execution",
         choices=COMPILE_SCOPES)
     ce_chunk_tokens: int = option(

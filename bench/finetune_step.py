@@ -185,7 +185,7 @@ def main(argv=None):
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
     p.add_argument("--compile", default=None, choices=COMPILE_SCOPES,
                    help="pin the plan's --compile scope (default: the compiler chooses), e.g. layer_cudagraphs "
-                        "(each compiled layer replayed as CUDA graphs, which the search never chooses)")
+                        "(each compiled layer replayed as CUDA graphs), or layer to run without them")
     p.add_argument("--peak_tflops", type=float, default=PEAK_TFLOPS, help="MFU denominator (dense bf16 peak)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out_dir", default=None, help="plan, data and run logs (default: a temporary directory)")

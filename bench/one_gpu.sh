@@ -9,9 +9,11 @@
 #   export PYTHONPATH=$(bash bench/device_wheels.sh --install); OUT=$OUT bash bench/one_gpu.sh h200 3
 #
 # 1. bench/packed_attention.py: document-masked attention kernel by kernel (a minute);
-# 2. bench/lora_linear.py: the LoRA projection formulations, GPU kernel time (seconds);
+# 2. bench/lora_linear.py: the LoRA projection formulations, GPU kernel time (seconds), and
+#    bench/expert_lora.py: the routed experts' adapters beside the frozen experts (a minute);
 # 3. bench/finetune_step.py: LoRA rank 64 on the full DeepSeek-Coder-V2-Lite, the compiler's plan,
-#    then the same with --compile layer_cudagraphs (two minutes each);
+#    then the same with --compile layer (the plan's choice on the h200 profile is layer_cudagraphs:
+#    the pair measures what CUDA graphs buy; two minutes each);
 # 4. bench/train_step.py --variants plan, PLAN_RUNS times in separate processes (the run-to-run
 #    spread of the 4-layer slice's plan, about 40 s each);
 # 5. bench/train_step.py --variants plan_vs_hand, the table (base, plan, all options at micro-batch
@@ -34,11 +36,12 @@ run() {  # run NAME COMMAND...: its output to $OUT/NAME.log, the last line shown
 }
 run packed_attention python bench/packed_attention.py --json "$OUT/packed_attention.json"
 run lora_linear python bench/lora_linear.py --json "$OUT/lora_linear.json"
+run expert_lora python bench/expert_lora.py --json "$OUT/expert_lora.json"
 run finetune_step python bench/finetune_step.py --device_profile "$PROFILE" --json "$OUT/finetune_step.json"
-# the same plan with each compiled layer replayed as CUDA graphs (the search never picks it; perf_hints
-# logs any layer inductor could not graph, and why)
-TORCH_LOGS=perf_hints run finetune_step-cudagraphs python bench/finetune_step.py --device_profile "$PROFILE" \
-    --compile layer_cudagraphs --json "$OUT/finetune_step-cudagraphs.json"
+# the same plan with the compiled layers run without CUDA graphs (the h200 profile's
+# graph_replay_launch_kept is fitted to this pair)
+run finetune_step-layer python bench/finetune_step.py --device_profile "$PROFILE" \
+    --compile layer --json "$OUT/finetune_step-layer.json"
 for i in $(seq 1 "$PLAN_RUNS"); do
     run "train_step-plan-$i" "${TRAIN[@]}" --variants plan --json "$OUT/train_step-plan-$i.json"
 done

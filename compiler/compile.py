@@ -109,7 +109,9 @@ def compile_plan(options: CompileOptions):
         if executions is None:
             kernels = () if "attention" in pinned else attention_choices(profile.attention,
                                                                        models[micro].attention_cost)
-            executions = variants(options.execution(), pinned, dtype, kernels)
+            # CUDA graphs: a GPU profile's plan for one device with LoRA (cudagraph_refusal says why not otherwise)
+            replays = profile.name != "cpu" and cudagraph_refusal("layer_cudagraphs", runtime, bool(lora)) is None
+            executions = variants(options.execution(), pinned, dtype, kernels, cudagraphs=replays)
         try:
             results.append(search(models[micro], options.plan_ngpus, runtime, options.global_batch_size, micro,
                                   executions))

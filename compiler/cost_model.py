@@ -267,6 +267,9 @@ class CostModel:
         self.keep_gathered = int(execution.zero3_keep_gathered or 0)
         # --compile layer: each decoder layer one torch.compile region
         self.compiled_layers = execution.compile in spec.WHOLE_LAYER_SCOPES
+        # --compile layer_cudagraphs: those layers replayed as CUDA graphs, whose kernels the host
+        # does not launch one by one
+        self.graph_replayed_layers = execution.compile == "layer_cudagraphs"
         # --ce_chunk_tokens: the loss from hidden states, N positions at a time (0: full logits)
         self.loss_chunk_tokens = int(execution.ce_chunk_tokens or 0)
         # --defer_grad_sync: one cast and gradient reduction per step (ZeRO 0)
@@ -346,8 +349,13 @@ class CostModel:
             rows_per_expert = max(rows * ep, 1.0)
             t += p.grouped_gemm_time(rows_per_expert, 1, 1, work / (2 * rows_per_expert), self.dtype)
         other = cost.other_bytes / (split if family != "experts" else 1)
-        t += p.memory_time(other * fused) + cost.other_ops * fused * p.kernel_launch_us * 1e-6
-        return t
+        t += p.memory_time(other * fused)
+        launches = cost.other_ops * fused * p.kernel_launch_us * 1e-6  # each small op costs its launch
+        if self.graph_replayed_layers and kind_name in LAYER_KINDS:
+            # a replayed CUDA graph launches the layer's kernels at once: the share of those launch costs
+            # still paid is the profile's measured figure (none measured: the same as compiled layers)
+            launches *= p.execution_factor("graph_replay_launch_kept")
+        return t + launches
 
     def _attention_kernel(self):
         """(the profile's kernel that prices this run's attention, whether it computes every score),

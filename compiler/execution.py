@@ -48,7 +48,8 @@ def cudagraph_refusal(compile_scope, devices, lora, backend="inductor", device="
     fresh memory each step (every plan of several devices, and full training on one, where it casts
     them for mixed precision), and expert parallelism reads its split sizes on the host inside the
     layer. So it runs on one device, with LoRA (whose frozen base needs no FSDP), compiled by inductor
-    on CUDA. The search never chooses it (its gain is not in the profiles); a user pins it."""
+    on CUDA. The search chooses it where this allows (`variants`' cudagraphs), priced as compiled layers
+    whose small ops' launches cost the profile's `graph_replay_launch_kept` share (bench/RESULTS.md)."""
     if compile_scope != "layer_cudagraphs":
         return None
     if devices != 1:
@@ -65,15 +66,17 @@ def cudagraph_refusal(compile_scope, devices, lora, backend="inductor", device="
     return None
 
 
-def variants(given: ExecutionOptions, pinned: Iterable[str], dtype, attention: Iterable[str] = ()) \
-        -> List[ExecutionOptions]:
+def variants(given: ExecutionOptions, pinned: Iterable[str], dtype, attention: Iterable[str] = (),
+             cudagraphs=False) -> List[ExecutionOptions]:
     """Every combination the search scores: each costed option not in `pinned` takes its plain value
     or the ones the search may choose; pinned ones keep `given`'s value. attention: the kernels to
-    choose among (attention_choices; none: the attention option stays `given`'s). The plain path
-    comes first, so that ties go to the simpler execution."""
+    choose among (attention_choices; none: the attention option stays `given`'s). cudagraphs: whether
+    layer_cudagraphs is among the compile scopes (where cudagraph_refusal allows it, on a GPU
+    profile). The plain path comes first, so that ties go to the simpler execution."""
     plain = ExecutionOptions()
+    scopes = ["none", "layer"] + (["layer_cudagraphs"] if cudagraphs else [])
     searchable = {"attention": list(attention) or [given.attention],
-                  "compile": ["none", "layer"] if dtype == "bf16" else ["none"],
+                  "compile": scopes if dtype == "bf16" else ["none"],
                   "ce_chunk_tokens": [0, LOSS_CHUNK_TOKENS], "fused_adamw": [False, True],
                   "defer_grad_sync": [False, True], "zero3_keep_gathered": list(ZERO3_KEEP_CHOICES)}
     pinned = set(pinned)

@@ -191,6 +191,8 @@ EXECUTION_FACTORS = {
     "foreach_adamw": "time of the foreach AdamW step relative to the fused kernel's",
     "document_regroup_ms": "milliseconds per layer, forward + backward, that regrouping packed documents for a "
                            "causal kernel costs beyond the kernel itself (absent: 0)",
+    "graph_replay_launch_kept": "the share of a compiled layer's kernel-launch cost still paid when the layer is "
+                                "replayed as CUDA graphs (--compile layer_cudagraphs; absent: all of it)",
 }
 
 

@@ -229,19 +229,40 @@ def test_layer_cudagraphs_is_refused_by_compile_and_run_with_the_fix(tmp_path):
         compile_plan(CompileOptions(plan_ngpus=1, plan_out=str(tmp_path / "b.json"), **base))
     plan, _ = compile_plan(CompileOptions(plan_ngpus=1, lora_rank=4, plan_out=str(tmp_path / "p.json"), **base))
     assert plan.execution["compile"] == "layer_cudagraphs"
-    # priced as compiled layers (the same kernels; the launches it saves are not in the profiles), on a
-    # profile whose compiled layers differ from eager ones
-    def predicted(scope):
+    # priced as compiled layers (the same kernels and memory) whose launches cost the h200 profile's
+    # measured share of theirs; a profile without that figure prices them as compiled layers
+    def predicted(scope, profile="h200"):
         p, _ = compile_plan(CompileOptions(plan_ngpus=1, lora_rank=4, plan_out=str(tmp_path / f"{scope}.json"),
-                                           pinned=("compile",), **{**base, "compile": scope, "device_profile": "h200"}))
+                                           pinned=("compile",), **{**base, "compile": scope, "device_profile": profile}))
         assert p.execution.get("compile", "none") == scope  # (a plan records what differs from the plain path)
         return p.predicted["step_time_s"], p.predicted["peak_memory_gib"]
-    assert predicted("layer_cudagraphs") == predicted("layer") != predicted("none")
+    (graphs_s, graphs_gib), (layer_s, layer_gib) = predicted("layer_cudagraphs"), predicted("layer")
+    assert graphs_s < layer_s and graphs_gib == layer_gib and (layer_s, layer_gib) != predicted("none")
+    assert predicted("layer_cudagraphs", "h100") == predicted("layer", "h100")
     r = subprocess.run([sys.executable, "train.py", "--device", "cpu", "--dtype", "bf16", "--max_steps", "1",
                         "--model_id", model_dir, "--plan", str(tmp_path / "p.json"), "--runtime_ngpus", "1",
                         "--dataset_path", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--compile layer_cudagraphs needs --device cuda" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_the_search_chooses_cuda_graphs_only_where_they_can_run(tmp_path):
+    """On the h200 profile (which measured their gain) a one-device LoRA plan replays its layers as CUDA
+    graphs unless --compile is pinned; a plan for two devices, one without LoRA, or one for the CPU
+    profile never gets them (cudagraph_refusal), so what the search emits always runs."""
+    from compiler.compile import compile_plan
+    from options import CompileOptions
+    base = dict(model_id=os.path.join(CONFIGS, "tiny-deepseek-v2"), seq_len=32, micro_batch_size=2, global_batch_size=4,
+                report=False, device_profile="h200")
+
+    def scope(**kw):
+        plan, _ = compile_plan(CompileOptions(plan_out=str(tmp_path / f"{len(os.listdir(tmp_path))}.json"), **{**base, **kw}))
+        return plan.execution.get("compile", "none")
+    assert scope(plan_ngpus=1, lora_rank=4) == "layer_cudagraphs"
+    assert scope(plan_ngpus=1, lora_rank=4, compile="layer", pinned=("compile",)) == "layer"
+    assert scope(plan_ngpus=2, lora_rank=4) != "layer_cudagraphs"
+    assert scope(plan_ngpus=1) != "layer_cudagraphs"
+    assert scope(plan_ngpus=1, lora_rank=4, device_profile="cpu", compute_dtype="bf16") != "layer_cudagraphs"
 
 
 def test_compile_layers_refuses_an_unknown_scope():
