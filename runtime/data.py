@@ -50,7 +50,12 @@ class Batch:
         """Consecutive pieces of `size` rows (micro-batches)."""
         return [self.rows(slice(start, start + size)) for start in range(0, len(self), size)]
 
-    def to(self, device):
+    def to(self, device, non_blocking=False):
+        """The rows on `device`; non_blocking (to a GPU): copied from pinned host memory without the host
+        waiting for the copy (the stream orders it before the kernels that read it)."""
+        if non_blocking and device.type == "cuda":
+            return Batch(*(None if t is None else t.pin_memory().to(device, non_blocking=True)
+                           for t in (self.input_ids, self.labels, self.position_ids)))
         return Batch(*(None if t is None else t.to(device) for t in (self.input_ids, self.labels, self.position_ids)))
 
     def targets(self):
