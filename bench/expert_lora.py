@@ -12,8 +12,8 @@ Variants, each through torch.compile (as the training form's compiled layers run
 
 Reported per variant: the GPU kernels' time per call (summed durations under torch.profiler, gaps
 excluded), the CUDA-event wall time, and (for both lora variants and the compiled base) the kernel
-time of each operator by input shapes and of each kernel by name (which grouped GEMM, add or cast the adapters add), so the adapters' cost
-is attributed operator by operator. The sum times the MoE layer count (26) is what a LoRA step of the
+time of each operator by input shapes and of each kernel by name (which grouped GEMM, add or cast
+the adapters add), so the adapters' cost is attributed operator by operator. The sum times the MoE layer count (26) is what a LoRA step of the
 full model pays for its expert adapters.
 """
 
@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.finetune_step import gpu_kernels  # noqa: E402
+from bench.finetune_step import kernel_ms_per_call  # noqa: E402
 from bench.train_step import cuda_median_ms  # noqa: E402
 from modeling import kernels  # noqa: E402
 from modeling.lora import expert_adapter_shapes  # noqa: E402
@@ -48,16 +48,8 @@ def make_block(tokens, experts, rank, device, seed=0):
     return x, topk_idx, topk_weight, gate_up, down, adapters, grad_y
 
 
-def kernel_ms_per_call(fn, iters, by_shape=False):
-    """GPU kernel milliseconds per call of fn; with by_shape also the operators' kernel time by shapes."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-                                record_shapes=by_shape) as profiler:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    total = sum(e.time_range.end - e.time_range.start for e in gpu_kernels(profiler)) / 1e3 / iters
-    if not by_shape:
-        return total, None
+def operators_by_shape(profiler, iters):
+    """Each host operator's (and each kernel's) GPU time per call, by input shapes, largest first."""
     ops = []
     for avg in profiler.key_averages(group_by_input_shape=True):
         device_us = getattr(avg, "self_device_time_total", None)
@@ -65,8 +57,7 @@ def kernel_ms_per_call(fn, iters, by_shape=False):
             device_us = avg.self_cuda_time_total
         if device_us > 0 and not avg.key.startswith("ProfilerStep"):
             ops.append({"op": avg.key, "shapes": str(avg.input_shapes)[:160], "ms": device_us / 1e3 / iters})
-    ops.sort(key=lambda o: -o["ms"])
-    return total, ops
+    return sorted(ops, key=lambda o: -o["ms"])
 
 
 def main(argv=None):
@@ -107,7 +98,8 @@ def main(argv=None):
                 step()
             wall = cuda_median_ms(step, 2, args.iters)
             detail = name == "lora" or mode == "compiled"
-            kernel, ops = kernel_ms_per_call(step, args.iters, by_shape=detail)
+            kernel, profiler = kernel_ms_per_call(step, args.iters, record_shapes=detail)
+            ops = operators_by_shape(profiler, args.iters) if detail else None
             key = f"{name}_{mode}"
             out["variants"][key] = {"kernel_ms": kernel, "wall_ms": wall}
             print(f"{key:14s} kernels {kernel:.3f} ms, wall {wall:.3f} ms per forward + backward", flush=True)

@@ -98,6 +98,18 @@ def gpu_kernels(profiler):
             if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
+def kernel_ms_per_call(fn, iters, record_shapes=False):
+    """(milliseconds of GPU kernels per call of fn, their durations summed and the gaps between them not;
+    the profiler). record_shapes: host operators recorded with their input shapes too, for
+    key_averages(group_by_input_shape=True)."""
+    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if record_shapes else [])
+    with torch.profiler.profile(activities=activities, record_shapes=record_shapes) as profiler:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.time_range.end - e.time_range.start for e in gpu_kernels(profiler)) / 1e3 / iters, profiler
+
+
 def kernel_summary(profiler, timed_wall_s, timed_steps):
     """What the GPU did over the timed steps (the last `timed_wall_s` seconds of kernels the profiler
     saw): the share of that time some kernel ran (the rest: the GPU waiting for the host), and kernel

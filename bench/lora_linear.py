@@ -32,7 +32,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.finetune_step import gpu_kernels  # noqa: E402
+from bench.finetune_step import kernel_ms_per_call  # noqa: E402
 from bench.train_step import cuda_median_ms  # noqa: E402
 from modeling.lora import LoraLinear  # noqa: E402
 
@@ -67,15 +67,6 @@ class FusedKLora(torch.autograd.Function):
         return grad_x, None, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None
 
 
-def kernel_ms_per_call(fn, iters):
-    """Milliseconds of GPU kernels per call of fn (their durations summed, the gaps between them not)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.time_range.end - e.time_range.start for e in gpu_kernels(profiler)) / 1e3 / iters
-
-
 def time_projection(n_in, n_out, tokens, rank, warmup, iters, device):
     g = torch.Generator(device=device).manual_seed(0)
     linear = LoraLinear(n_in, n_out, bias=False, rank=rank, scaling=2.0, device=device, dtype=torch.bfloat16,
@@ -99,7 +90,7 @@ def time_projection(n_in, n_out, tokens, rank, warmup, iters, device):
         if name != "base":
             grads[name] = [t.grad.float().clone() for t in (x, linear.lora_A, linear.lora_B)]
         wall = cuda_median_ms(step, warmup, iters)
-        results[name] = {"kernel_ms": kernel_ms_per_call(step, iters), "wall_ms": wall}
+        results[name] = {"kernel_ms": kernel_ms_per_call(step, iters)[0], "wall_ms": wall}
     for got, want, what in zip(grads["fused_k"], grads["separate"], ("x", "lora_A", "lora_B")):
         results["fused_k"][f"grad_{what}_rel_diff"] = float((got - want).norm() / want.norm().clamp_min(1e-30))
     return results

@@ -53,10 +53,9 @@ class Batch:
     def to(self, device, non_blocking=False):
         """The rows on `device`; non_blocking (to a GPU): copied from pinned host memory without the host
         waiting for the copy (the stream orders it before the kernels that read it)."""
-        if non_blocking and device.type == "cuda":
-            return Batch(*(None if t is None else t.pin_memory().to(device, non_blocking=True)
-                           for t in (self.input_ids, self.labels, self.position_ids)))
-        return Batch(*(None if t is None else t.to(device) for t in (self.input_ids, self.labels, self.position_ids)))
+        pinned = non_blocking and device.type == "cuda"
+        return Batch(*(None if t is None else (t.pin_memory() if pinned else t).to(device, non_blocking=pinned)
+                       for t in (self.input_ids, self.labels, self.position_ids)))
 
     def targets(self):
         """[N, S] what position s - 1 is trained to predict at s (IGNORE_INDEX: nothing)."""
