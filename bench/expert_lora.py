@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.finetune_step import kernel_ms_per_call  # noqa: E402
+from bench.gpu_profile import kernel_ms_per_call  # noqa: E402
 from bench.train_step import cuda_median_ms  # noqa: E402
 from modeling import kernels  # noqa: E402
 from modeling.lora import expert_adapter_shapes  # noqa: E402

@@ -36,10 +36,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.gpu_profile import kernel_summary, start_profiler  # noqa: E402
 from bench.train_step import PEAK_TFLOPS, active_parameters, flops_per_token, write_model_dir  # noqa: E402
 from compiler.cost_model import RESERVED_GIB  # noqa: E402
 from modeling import IGNORE_INDEX  # noqa: E402
-from options import COMPILE_SCOPES  # noqa: E402
+from options import ATTENTION_KERNELS, COMPILE_SCOPES  # noqa: E402
 
 
 def packed_examples(rows, seq_len, generator):
@@ -77,107 +78,6 @@ def write_packed_dataset(out_dir, vocab_size, seq_len, rows, seed=0, prompt_shar
     return path
 
 
-KERNEL_KINDS = (("grouped GEMM", ("grouped", "group_gemm", "GroupProblem")), ("attention", ("fmha", "flash", "cudnn", "attention")),
-                ("GEMM", ("gemm", "nvjet", "sm90_xmma", "cutlass")), ("gather/scatter", ("index", "gather", "scatter")),
-                ("compiled (triton)", ("triton",)), ("copy", ("copy", "Memcpy", "Memset", "cat")))
-
-
-def kernel_kind(name):
-    lowered = name.lower()
-    for kind, keys in KERNEL_KINDS:
-        if any(k.lower() in lowered for k in keys):
-            return kind
-    return "other"
-
-
-def gpu_kernels(profiler):
-    """The profiler's GPU kernels: its CUDA-side events less the user annotations (a record_function
-    scope also appears on the GPU timeline, spanning the kernels it launched, which would count
-    twice: the trainer's phases did under --profile_host)."""
-    return [e for e in profiler.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
-
-
-def kernel_ms_per_call(fn, iters, record_shapes=False):
-    """(milliseconds of GPU kernels per call of fn, their durations summed and the gaps between them not;
-    the profiler). record_shapes: host operators recorded with their input shapes too, for
-    key_averages(group_by_input_shape=True)."""
-    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if record_shapes else [])
-    with torch.profiler.profile(activities=activities, record_shapes=record_shapes) as profiler:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.time_range.end - e.time_range.start for e in gpu_kernels(profiler)) / 1e3 / iters, profiler
-
-
-def kernel_summary(profiler, timed_wall_s, timed_steps):
-    """What the GPU did over the timed steps (the last `timed_wall_s` seconds of kernels the profiler
-    saw): the share of that time some kernel ran (the rest: the GPU waiting for the host), and kernel
-    time per step by kind and by kernel."""
-    kernels = gpu_kernels(profiler)
-    if not kernels:
-        return "profile: no CUDA kernels recorded"
-    end = max(e.time_range.end for e in kernels)
-    start = end - timed_wall_s * 1e6
-    spans = sorted((max(e.time_range.start, start), e.time_range.end, e.name) for e in kernels if e.time_range.end > start)
-    busy, reach = 0.0, start
-    by_kind, by_name = {}, {}
-    for s, e, name in spans:
-        busy += max(0.0, e - max(s, reach))
-        reach = max(reach, e)
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + (e - s)
-        by_name[name] = by_name.get(name, 0.0) + (e - s)
-    per_step = 1e3 * timed_steps
-    gaps, previous = {}, None  # the GPU's idle spans between kernels, by the kernels around them
-    short_idle = 0.0  # idle in gaps of at most 50 us: kernels launched no faster than they run
-    for s, e, name in spans:
-        if previous is not None and s - previous[0] > 50:
-            key = (previous[1][:60], name[:60])
-            total, count = gaps.get(key, (0.0, 0))
-            gaps[key] = (total + s - previous[0], count + 1)
-        elif previous is not None:
-            short_idle += max(0.0, s - previous[0])
-        if previous is None or e > previous[0]:
-            previous = (e, name)
-    lines = [f"profile over the {timed_steps} timed steps: GPU busy {100 * busy / (end - start):.1f} % of "
-             f"{timed_wall_s / timed_steps * 1e3:.1f} ms per step; {len(spans) / timed_steps:.0f} kernels per step, "
-             f"{short_idle / per_step:.2f} ms per step idle in gaps of at most 50 us (the host launching no faster "
-             "than the kernels run); kernel ms per step by kind:"]
-    lines += [f"  {kind:20s} {t / per_step:8.2f}" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])]
-    lines.append("top kernels, ms per step:")
-    lines += [f"  {t / per_step:8.2f}  {name[:110]}" for name, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]]
-    lines.append("largest GPU idle spans (> 50 us), ms per step: after kernel -> before kernel (count per step)")
-    lines += [f"  {t / per_step:8.2f}  ({n / timed_steps:.0f}x)  {a}  ->  {b}"
-              for (a, b), (t, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:15]]
-    lines += host_during_idle(profiler, spans, start)
-    return "\n".join(lines)
-
-
-def host_during_idle(profiler, spans, start, longest=6, min_us=500):
-    """With host activity profiled (--profile_host): for the longest single GPU idle spans of the
-    timed steps, the host's ops (and the trainer's record_function phases, train.*) that overlap
-    each, by overlap time: what the GPU waited for."""
-    host = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CPU
-            and e.time_range.end > start]
-    if not host:
-        return []
-    idle, reach = [], None
-    for s, e, _ in spans:
-        if reach is not None and s - reach > min_us:
-            idle.append((reach, s))
-        reach = e if reach is None else max(reach, e)
-    lines = [f"host ops during the {longest} longest GPU idle spans (> {min_us} us), ms of overlap:"]
-    for a, b in sorted(idle, key=lambda span: span[0] - span[1])[:longest]:
-        overlap = {}
-        for ev in host:
-            o = min(b, ev.time_range.end) - max(a, ev.time_range.start)
-            if o > 0:
-                overlap[ev.name] = overlap.get(ev.name, 0.0) + o
-        top = sorted(overlap.items(), key=lambda kv: -kv[1])[:8]
-        lines.append(f"  idle {(b - a) / 1e3:.2f} ms: " + "; ".join(f"{n[:48]} {o / 1e3:.2f}" for n, o in top))
-    return lines
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="See the module docstring for the setup and the MFU definition.")
@@ -195,6 +95,8 @@ def main(argv=None):
     p.add_argument("--mem_limit_gib", type=float, default=80.0, help="the compiler's memory limit")
     p.add_argument("--micro_batch_size", default="auto", help="rows per micro-batch, or auto (the compiler)")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
+    p.add_argument("--attention", default=None, choices=ATTENTION_KERNELS,
+                   help="pin the attention kernel (default: the compiler's choice)")
     p.add_argument("--compile", default=None, choices=COMPILE_SCOPES,
                    help="pin the plan's --compile scope (default: the compiler chooses), e.g. layer_cudagraphs "
                         "(each compiled layer replayed as CUDA graphs), or layer to run without them")
@@ -238,7 +140,7 @@ def main(argv=None):
         model_id=model_id, plan_ngpus=1, runtime_ngpus=1, seq_len=args.seq_len, micro_batch_size=micro,
         global_batch_size=args.rows, mem_limit_gib=args.mem_limit_gib, device_profile=args.device_profile,
         plan_out=plan_path, report=False, document_masking=args.packing == "on", **lora,
-        **({"compile": args.compile} if args.compile else {})))
+        **({"compile": args.compile} if args.compile else {}), **({"attention": args.attention} if args.attention else {})))
     compile_s = time.perf_counter() - started
     setup = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
              "model": os.path.basename(args.model_dir), "layers": config.num_hidden_layers, "seq_len": args.seq_len,
@@ -255,10 +157,7 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
     profiler = None
     if args.profile and args.device == "cuda":
-        activities = [torch.profiler.ProfilerActivity.CUDA] + (
-            [torch.profiler.ProfilerActivity.CPU] if args.profile_host else [])
-        profiler = torch.profiler.profile(activities=activities)
-        profiler.__enter__()
+        profiler = start_profiler(host=args.profile_host)
     try:
         records, params = train(RunArgs(
             model_id=model_id, dataset_path=data_path, plan_ngpus=1, runtime_ngpus=1, plan=plan_path,

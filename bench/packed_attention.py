@@ -11,10 +11,13 @@ bf16) over `--rows` rows of `--seq_len` tokens, each row packed with documents o
 * regrouped: modeling/kernels.attention_by_document (documents gathered into power-of-two windows,
   the causal kernel per window width);
 * flex: torch's FlexAttention with a block mask of the documents (compiled), no regrouping;
+* cudnn_varlen: cuDNN's ragged attention over the documents laid end to end (_CudnnRagged, an
+  experiment: not used by the model);
 * varlen: torch.nn.attention.varlen (flash-attention over cumulative lengths; values zero-padded to
   the query head, as flash needs one head size), where this torch has it.
 
-Each variant is checked against the masked reference (max abs difference of the output) and timed
+Each variant is checked against the masked float32 reference (max abs difference of the output and
+of the q/k/v gradients) and timed
 with CUDA events: `--warmup` untimed calls, then the median of `--iters`.
 """
 
@@ -32,6 +35,30 @@ from bench.finetune_step import packed_examples  # noqa: E402
 from bench.train_step import cuda_median_ms  # noqa: E402
 from modeling.kernels import attention_by_document  # noqa: E402
 from modeling.modeling_deepseek import AttentionMask, attention_allowed, document_ids  # noqa: E402
+
+
+class _CudnnRagged(torch.autograd.Function):
+    """An experiment (2026-12-02, fifth session): cuDNN's ragged attention through the aten ops that
+    nested-tensor SDPA calls (q/k [T, H, d_qk], v [T, H, d_v], documents end to end at `cu_seqlens`).
+    On an H200 with torch 2.11 its forward was right but took 55 ms per layer and its gradients were
+    wrong (torch.nn.attention.varlen keeps this path switched off), so the model does not use it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
+            q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, True, 0.0, True, False,
+            scale=softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
+        grads = torch.ops.aten._cudnn_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, seed, offset, None, cu_seqlens, cu_seqlens,
+            ctx.max_seqlen, ctx.max_seqlen, 0.0, True, scale=ctx.softmax_scale)
+        return (*grads, None, None, None)
 
 
 def packed_positions(rows, seq_len, seed=0):
@@ -67,7 +94,11 @@ def main(argv=None):
     for t in (q, k, v):
         t.requires_grad_(True)
     allowed = attention_allowed(AttentionMask(document_ids_BS=docs), B, S, "cuda")
-    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed, scale=scale)
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    reference = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=allowed, scale=scale)
+    reference.backward(grad.float())
+    reference = reference.detach()
+    reference_grads = [t.grad for t in (q32, k32, v32)]
 
     def causal(qd, kd, vd, softmax_scale, dropout_p):
         return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=softmax_scale)
@@ -94,6 +125,15 @@ def main(argv=None):
                                                                                  scale=scale))
     except ImportError as e:
         print(f"flex: not available ({e})")
+    def cudnn_setup():  # the documents' offsets (one read of the device per forward), padded to 2^k documents
+        cu, _ = AttentionMask(document_ids_BS=docs).packed_sequences()
+        padded = 1 << (cu.numel() - 2).bit_length()
+        return torch.cat([cu, cu[-1:].expand(padded + 1 - cu.numel())])
+
+    def cudnn_call(cu):
+        qt, kt, vt = (t.transpose(1, 2).reshape(B * S, H, t.shape[-1]) for t in (q, k, v))
+        return _CudnnRagged.apply(qt, kt, vt, cu, S, scale).view(B, S, H, -1).transpose(1, 2)
+    variants["cudnn_varlen"] = (cudnn_setup, cudnn_call)
     try:
         from torch.nn.attention import varlen
         params = inspect.signature(varlen.varlen_attn).parameters
@@ -123,6 +163,10 @@ def main(argv=None):
             state = setup()
             out = call(state)
             error = (out.float() - reference).abs().max().item()
+            for t in (q, k, v):
+                t.grad = None
+            out.backward(grad)
+            grad_error = max((t.grad.float() - r).abs().max().item() for t, r in zip((q, k, v), reference_grads))
 
             def step():
                 for t in (q, k, v):
@@ -132,9 +176,10 @@ def main(argv=None):
             fwd_ms = cuda_median_ms(lambda: call(state), args.warmup, args.iters)
             step_ms = cuda_median_ms(step, args.warmup, args.iters)
             results["variants"][name] = {"setup_ms": setup_ms, "forward_ms": fwd_ms, "forward_backward_ms": step_ms,
-                                         "max_abs_error": error}
+                                         "max_abs_error": error, "max_abs_grad_error": grad_error}
             print(f"{name:12s} setup (once per forward) {setup_ms:7.3f} ms  per layer: forward {fwd_ms:7.3f} ms  "
-                  f"forward+backward {step_ms:7.3f} ms  max |error| {error:.3g}", flush=True)
+                  f"forward+backward {step_ms:7.3f} ms  max |error| {error:.3g} (gradients {grad_error:.3g})",
+                  flush=True)
         except Exception as e:  # a kernel this torch or GPU cannot run: report it, time the others
             results["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"{name:12s} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)

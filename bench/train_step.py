@@ -243,6 +243,7 @@ class Plans:
 
 # ---- one variant --------------------------------------------------------------------------------------------
 def run_variant(name, settings, args, model_id, data_path, plans, flops_token, out_dir, index):
+    from bench.gpu_profile import kernel_summary, start_profiler
     from runtime.trainer import RunArgs, train
     searched = settings.get("plan", False)
     micro = settings["micro"] or args.micro_batch_size
@@ -269,11 +270,21 @@ def run_variant(name, settings, args, model_id, data_path, plans, flops_token, o
         dtype=settings["dtype"], attention=settings["attention"], compile=settings["compile"],
         compile_backend=args.compile_backend, ce_chunk_tokens=settings["ce_chunk"],
         fused_adamw=settings["adamw"] == "fused", defer_grad_sync=settings["sync"] == "step")
+    profiler = start_profiler() if args.profile and cuda else None
     started = time.perf_counter()
-    records, params = train(run_args)
+    try:
+        records, params = train(run_args)
+    finally:
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
     wall = time.perf_counter() - started
     del params
     timed = records[args.warmup:] or records
+    if profiler is not None:
+        try:  # a diagnostic: never lose the variant's result to it
+            print(kernel_summary(profiler, sum(r["step_time_s"] for r in timed), len(timed)), flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"profile summary failed: {type(e).__name__}: {e}", flush=True)
     key = "step_time_cuda_s" if "step_time_cuda_s" in timed[0] else "step_time_s"
     step = statistics.median(r[key] for r in timed)
     tokens = timed[0]["tokens"]
@@ -412,6 +423,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out_dir", default=None, help="plans, data and run logs (default: a temporary directory)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: print each variant's kernel time by kind and kernel and the GPU's idle spans over "
+                        "its timed steps (torch.profiler; the profiler slows the step)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/train_step.py --device cuda needs a CUDA GPU (or pass --device cpu)", file=sys.stderr)

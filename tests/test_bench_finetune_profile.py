@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.finetune_step import kernel_summary
+from bench.gpu_profile import kernel_summary
 
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
