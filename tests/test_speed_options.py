@@ -113,6 +113,24 @@ def test_chunked_loss_in_bf16_stays_within_rounding_of_the_float32_loss():
     assert abs(got.item() - ref.item()) < 1e-2 * abs(ref.item())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GEMM's own float32 accumulation is CUDA's (addmm out_dtype)")
+def test_chunked_loss_on_cuda_accumulates_the_head_gradient_like_float32_sums():
+    """bf16 on CUDA: the lm_head weight gradient summed over chunks by the GEMM into float32 (cuBLAS
+    beta = 1) equals the float32 sum of the chunks' bf16 products, within bf16 rounding of one chunk."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    hidden = torch.randn(2, 257, 64, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(300, 64, device="cuda", generator=g) / 8).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 300, (2, 257), device="cuda", generator=g)
+    chunked_lm_loss_sum(hidden, weight, targets, 64).backward()
+    h, w = hidden.detach().float(), weight.detach().float()
+    logits = (hidden.detach()[:, :-1].reshape(-1, 64) @ weight.detach().t()).float()
+    grad_logits = torch.softmax(logits, dim=-1)
+    grad_logits[torch.arange(logits.shape[0], device="cuda"), targets[:, 1:].reshape(-1)] -= 1
+    expected = grad_logits.to(torch.bfloat16).float().t() @ h[:, :-1].reshape(-1, 64)
+    assert weight.grad.dtype == torch.bfloat16 and w.shape == weight.grad.shape
+    assert _rel(weight.grad, expected) < 1e-2, _rel(weight.grad, expected)
+
+
 # ---- attention kernels ---------------------------------------------------------------------------------------
 CUDA_ONLY = {"sdpa_efficient": "PyTorch's memory-efficient SDPA kernel has no CPU implementation",
              "sdpa_cudnn": "the cuDNN SDPA kernel needs CUDA"}
