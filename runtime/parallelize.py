@@ -88,7 +88,10 @@ def apply_data_parallel(root, layers, plan, run_mesh, mp_policy, expert_parallel
     if run_mesh.data_ranks() == 1 and (mp_policy.param_dtype is None or frozen):
         return  # one data rank and fp32 compute (or LoRA): nothing to reduce, nothing to cast
 
+    wrapped = []  # (module, the mesh its parameters are reduced over)
+
     def wrap(module, mesh, ignored=None, keep=False):
+        wrapped.append((module, mesh))
         if level == 0:
             # ZeRO 0 replicates: the frozen weights stay out of FSDP (no gathered copy, no reduction)
             ignored = (ignored or set()) | {p for p in module.parameters() if p in frozen}
@@ -112,8 +115,11 @@ def apply_data_parallel(root, layers, plan, run_mesh, mp_policy, expert_parallel
     for layer in layers:
         wrap(layer, run_mesh.data_mesh(), own_experts or None, keep=id(layer) in kept)
     wrap(root, run_mesh.data_mesh(), own_experts or None, keep=keep_gathered >= 1)
-    for module in root.modules():
-        if isinstance(module, FSDPModule):
+    for module, mesh in wrapped:
+        if mesh.size() > 1:
+            # a sum, not FSDP's mean. (Over one rank FSDP's default already sums, and a divide factor
+            # set there makes it divide every gradient by 1 into a float32 temporary before its copy:
+            # 5.7 ms per step on an H200 for the 4-layer Coder-V2-Lite slice.)
             module.set_gradient_divide_factor(1.0)
             # plain SUM collectives (gloo has no pre-multiplied sum; NCCL copies less with SUM)
             module.set_force_sum_reduction_for_comms(True)
