@@ -44,23 +44,42 @@ MAX_WEIGHT_NORM_CHANGE = 1.0
 
 
 class UpdateGuard:
-    """Measures each optimizer step's change of the global weight norm (see MAX_WEIGHT_NORM_CHANGE)."""
+    """Measures each optimizer step's change of the global weight norm (see MAX_WEIGHT_NORM_CHANGE).
+
+    The norm after a step is computed on the device right after it (after_step) and read with the next
+    step's loss and gradient norm, in the same wait for the device (finish_step), so the check costs
+    no wait of its own; settle() reads it at once, which the trainer does before anything is saved and
+    when the run ends. A diverged step is therefore never saved, and at most the next step's forward
+    and backward run before the run stops."""
 
     def __init__(self, params, run_mesh, expert_params):
         self.params, self.run_mesh, self.expert_params = list(params), run_mesh, expert_params
-        self.norm = None  # the weights' norm after the last step (= before the next)
+        self.norm = None  # the weights' norm after the last checked step (= before the next)
+        self.pending = None  # (0-based step, the weights' norm after it, a device tensor): not checked yet
 
-    def weight_norm(self):
+    def _weight_norm(self):
         with torch.no_grad():
-            return global_norm(self.params, self.params, self.run_mesh, self.expert_params)[0].item()
+            return global_norm(self.params, self.params, self.run_mesh, self.expert_params)[0]
 
     def before_step(self):
-        if self.norm is None:
-            self.norm = self.weight_norm()
+        if self.norm is None and self.pending is None:
+            self.norm = self._weight_norm().item()
 
     def after_step(self, step):
-        """Raises DivergedError if step `step` (0-based) made the weights non-finite or absurd."""
-        before, after = self.norm, self.weight_norm()
+        """Starts the check of step `step` (0-based): the weights' norm after it, on the device."""
+        self.pending = (step, self._weight_norm())
+
+    def pending_norm(self):
+        """The unchecked norm tensor (for the caller to read with its own values), or None."""
+        return None if self.pending is None else self.pending[1]
+
+    def settle(self, after=None):
+        """Checks the pending step, reading its norm unless `after` (that norm, read by the caller) is
+        given; raises DivergedError if that step made the weights non-finite or absurd."""
+        if self.pending is None:
+            return
+        (step, tensor), self.pending = self.pending, None
+        before, after = self.norm, (tensor.item() if after is None else after)
         self.norm = after
         change = abs(after - before) / before if before > 0 else (0.0 if after == 0 else math.inf)
         if not (math.isfinite(after) and change <= MAX_WEIGHT_NORM_CHANGE):
@@ -265,13 +284,18 @@ def loss_group(run_mesh):
 def finish_step(step, parts, params, expert_params, run_mesh, optimizer, scheduler, guard=None):
     """J summed over the ranks, gradients clipped at norm 1.0, the optimizer and schedule stepped.
     Returns (loss, cross-entropy part, balance-loss part, gradient norm, learning rate used). With an
-    UpdateGuard, a step that made the weights non-finite or absurd raises DivergedError (after the
-    optimizer step, before anything can save it)."""
+    UpdateGuard, a step that made the weights non-finite or absurd raises DivergedError when the next
+    step reads its values (here) or when the trainer settles the guard before a save: never saved."""
     totals = torch.stack(list(parts))
     dist.all_reduce(totals, group=loss_group(run_mesh))
     norm, local_grads = global_norm(params, [p.grad for p in params], run_mesh, expert_params)
-    # the step's one wait for the device: the loss parts and the gradient norm read together
-    ce, aux, grad_norm = torch.cat([totals, norm.reshape(1)]).tolist()
+    # the step's one wait for the device: the loss parts, the gradient norm and the previous step's
+    # weight norm (the guard's pending check) read together
+    pending = None if guard is None else guard.pending_norm()
+    values = torch.cat([totals, norm.reshape(1)] + ([] if pending is None else [pending.reshape(1)])).tolist()
+    ce, aux, grad_norm = values[:3]
+    if pending is not None:
+        guard.settle(values[3])  # the previous step diverged: stop before this one changes anything
     loss = ce + aux
     clip_gradients(local_grads, grad_norm, 1.0)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):

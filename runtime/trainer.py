@@ -157,11 +157,8 @@ def train(args: RunOptions):
             with record_function("train.finish_step"):
                 loss, ce, aux, grad_norm, lr = finish_step(step, parts, params, state.expert_params, run_mesh,
                                                            optimizer, scheduler, guard)
-        except NonFiniteError as e:  # nothing after this step is saved: name what to resume from
-            if healthy is None:
-                raise type(e)(f"{e}; no checkpoint of this run to go back to: start again with a lower --lr") from None
-            raise type(e)(f"{e}; the last healthy checkpoint is {healthy}: resume from it with --resume_path "
-                          f"{healthy} and a lower --lr") from None
+        except NonFiniteError as e:
+            raise_with_resume_hint(e, healthy)
         times = timer.stop()
         tokens = global_batch * seq_len
         record = {"step": step + 1, "loss": loss, "lm_loss": ce, "aux_loss": aux, "grad_norm": grad_norm, "lr": lr,
@@ -175,9 +172,11 @@ def train(args: RunOptions):
         with record_function("train.metrics"):
             metrics.log(record)
         if (args.save_every and (step + 1) % args.save_every == 0) or (args.final_save and step + 1 == args.max_steps):
+            settle(guard, healthy)  # the step's own weight check first: a diverged step is never saved
             save(step + 1)
         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{100 * record['mfu']:.1f}%")
         progress.update(1)
+    settle(guard, healthy)  # the last step's weight check
     if args.max_steps == 0 and eval_set is not None:  # an evaluation of the weights as loaded
         record = {"step": 0, "eval_loss": run_eval(0)}
         records.append(record)
@@ -187,6 +186,22 @@ def train(args: RunOptions):
     progress.close()
     metrics.close()
     return records, {n: p for h in state.holders for n, p in h.named_parameters()}
+
+
+def raise_with_resume_hint(error, healthy):
+    """Re-raises a NonFiniteError naming what to resume from (nothing after the failed step is saved)."""
+    if healthy is None:
+        raise type(error)(f"{error}; no checkpoint of this run to go back to: start again with a lower --lr") from None
+    raise type(error)(f"{error}; the last healthy checkpoint is {healthy}: resume from it with --resume_path "
+                      f"{healthy} and a lower --lr") from None
+
+
+def settle(guard, healthy):
+    """The guard's pending weight check, now (UpdateGuard.settle)."""
+    try:
+        guard.settle()
+    except NonFiniteError as e:
+        raise_with_resume_hint(e, healthy)
 
 
 def evaluate(state: RankState, batches, shape: StepShape, args, run_mesh, device, show=False):
