@@ -38,8 +38,8 @@ def kernels_per_call(fn, total, calls=5):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chunk", type=int, default=4096, help="positions per chunk (N)")
-    p.add_argument("--vocab", type=int, default=102400)
-    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=102400, help="vocabulary size (V, the head's rows)")
+    p.add_argument("--hidden", type=int, default=2048, help="hidden size (D, the head's columns)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/head_grad_accumulate.py needs a CUDA GPU", file=sys.stderr)
