@@ -167,6 +167,7 @@ def train(args: RunOptions):
                   "mfu": flops / (times["step_time_s"] * world * peak) if peak and flops else 0.0}
         if eval_set is not None and ((args.eval_every and (step + 1) % args.eval_every == 0)
                                      or step + 1 == args.max_steps):
+            settle(guard, healthy)  # no evaluation of a diverged step's weights
             record["eval_loss"] = run_eval(step + 1)  # after the step's timing: not part of its time
         records.append(record)
         with record_function("train.metrics"):

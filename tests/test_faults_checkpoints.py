@@ -224,3 +224,18 @@ def test_a_diverging_step_is_not_saved_and_the_last_healthy_checkpoint_is_named(
     assert "step 7" in lines[0] and f"the last healthy checkpoint is {os.path.join(save, _name(6))}" in lines[0]
     assert "MAX_WEIGHT_NORM_CHANGE" in lines[0]
     assert _steps(save) == [_name(s) for s in (3, 4, 5, 6)] and _last(save) == _name(6)
+
+
+@pytest.mark.parametrize("max_steps", [7, 9], ids=["last-step", "checked-by-the-next-step"])
+def test_a_diverging_step_without_a_save_due_still_stops_the_run_naming_it(base, tmp_path, max_steps):
+    """The weight check of a step is read with the next step's values (or when the run ends), not at
+    once: without a save due, the run still stops with the diverged step named, and saves nothing."""
+    save = _copy_save(base, tmp_path)
+    before = _steps(save)
+    r = _train(base, "--max_steps", str(max_steps), "--save_every", "0", "--save_dir", save, "--resume_path", "last",
+               "--lr", "1e6", "--no_final_save")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if "last healthy checkpoint" in line]
+    assert len(lines) == 1 and "step 7" in lines[0] and "MAX_WEIGHT_NORM_CHANGE" in lines[0], r.stderr[-3000:]
+    assert _steps(save) == before
