@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.gpu_profile import kernel_ms_per_call  # noqa: E402
+from bench.gpu_profile import kernel_ms_per_call, operators_by_shape  # noqa: E402
 from bench.train_step import cuda_median_ms  # noqa: E402
 from modeling import kernels  # noqa: E402
 from modeling.lora import expert_adapter_shapes  # noqa: E402
@@ -46,18 +46,6 @@ def make_block(tokens, experts, rank, device, seed=0):
                 for shape in expert_adapter_shapes(experts, HIDDEN, FFN, rank).values()]
     grad_y = torch.randn(tokens, HIDDEN, generator=g, **bf16)
     return x, topk_idx, topk_weight, gate_up, down, adapters, grad_y
-
-
-def operators_by_shape(profiler, iters):
-    """Each host operator's (and each kernel's) GPU time per call, by input shapes, largest first."""
-    ops = []
-    for avg in profiler.key_averages(group_by_input_shape=True):
-        device_us = getattr(avg, "self_device_time_total", None)
-        if device_us is None:
-            device_us = avg.self_cuda_time_total
-        if device_us > 0 and not avg.key.startswith("ProfilerStep"):
-            ops.append({"op": avg.key, "shapes": str(avg.input_shapes)[:160], "ms": device_us / 1e3 / iters})
-    return sorted(ops, key=lambda o: -o["ms"])
 
 
 def main(argv=None):

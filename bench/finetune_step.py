@@ -36,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.gpu_profile import kernel_summary, start_profiler  # noqa: E402
+from bench.gpu_profile import print_step_summary, start_profiler  # noqa: E402
 from bench.train_step import PEAK_TFLOPS, active_parameters, flops_per_token, write_model_dir  # noqa: E402
 from compiler.cost_model import RESERVED_GIB  # noqa: E402
 from modeling import IGNORE_INDEX  # noqa: E402
@@ -173,10 +173,7 @@ def main(argv=None):
             profiler.__exit__(None, None, None)
     timed = records[args.warmup:] or records
     if profiler is not None:
-        try:  # a diagnostic: never lose the run's result to it
-            print(kernel_summary(profiler, sum(r["step_time_s"] for r in timed), len(timed)), flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"profile summary failed: {type(e).__name__}: {e}", flush=True)
+        print_step_summary(profiler, timed)
     key = "step_time_cuda_s" if "step_time_cuda_s" in timed[0] else "step_time_s"
     step = statistics.median(r[key] for r in timed)
     tokens = timed[0]["tokens"]

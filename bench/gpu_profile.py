@@ -1,7 +1,8 @@
 """What the GPU did during a benchmark, from torch.profiler: kernel time by kind and by kernel, the
 GPU's idle spans and (with host activity profiled) what the host was doing meanwhile. Shared by the
-step benchmarks (bench/train_step.py, bench/finetune_step.py: `--profile`) and the operator ones
-(bench/lora_linear.py, bench/expert_lora.py: kernel_ms_per_call)."""
+step benchmarks (bench/train_step.py, bench/finetune_step.py: `--profile`, print_step_summary) and
+the operator ones (bench/lora_linear.py, bench/expert_lora.py, bench/head_grad_accumulate.py:
+kernel_ms_per_call, operators_by_shape)."""
 
 import torch
 
@@ -36,6 +37,18 @@ def kernel_ms_per_call(fn, iters, record_shapes=False):
             fn()
         torch.cuda.synchronize()
     return sum(e.time_range.end - e.time_range.start for e in gpu_kernels(profiler)) / 1e3 / iters, profiler
+
+
+def operators_by_shape(profiler, iters):
+    """Each host operator's (and each kernel's) GPU time per call, by input shapes, largest first."""
+    ops = []
+    for avg in profiler.key_averages(group_by_input_shape=True):
+        device_us = getattr(avg, "self_device_time_total", None)
+        if device_us is None:
+            device_us = avg.self_cuda_time_total
+        if device_us > 0 and not avg.key.startswith("ProfilerStep"):
+            ops.append({"op": avg.key, "shapes": str(avg.input_shapes)[:160], "ms": device_us / 1e3 / iters})
+    return sorted(ops, key=lambda o: -o["ms"])
 
 
 def kernel_summary(profiler, timed_wall_s, timed_steps):
@@ -112,3 +125,12 @@ def start_profiler(host=False):
     profiler = torch.profiler.profile(activities=activities)
     profiler.__enter__()
     return profiler
+
+
+def print_step_summary(profiler, timed_records):
+    """Prints kernel_summary over a run's timed steps (trainer records with step_time_s); a diagnostic,
+    so a failure to summarise is reported, never raised (the run's result is kept)."""
+    try:
+        print(kernel_summary(profiler, sum(r["step_time_s"] for r in timed_records), len(timed_records)), flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"profile summary failed: {type(e).__name__}: {e}", flush=True)

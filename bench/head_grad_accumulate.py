@@ -13,26 +13,24 @@ ways, each timed as the GPU kernels it launches (torch.profiler, per chunk, afte
 """
 
 import argparse
+import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.gpu_profile import gpu_kernels, kernel_ms_per_call  # noqa: E402
 
 
-def kernels_per_call(fn, total, calls=5):
-    """({kernel name: ms per call}, total after the calls): fn(total) -> total, profiled."""
+def kernels_by_name(fn, calls=5):
+    """{kernel name: GPU ms per call} of fn() after a warm-up (bench/gpu_profile.kernel_ms_per_call)."""
     for _ in range(3):
-        total = fn(total)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            total = fn(total)
-        torch.cuda.synchronize()
+        fn()
+    _, profiler = kernel_ms_per_call(fn, calls)
     times = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            times[e.name[:70]] = times.get(e.name[:70], 0.0) + (e.time_range.end - e.time_range.start) / 1e3 / calls
-    return times, total
+    for e in gpu_kernels(profiler):
+        times[e.name[:70]] = times.get(e.name[:70], 0.0) + (e.time_range.end - e.time_range.start) / 1e3 / calls
+    return times
 
 
 def main(argv=None):
@@ -47,11 +45,12 @@ def main(argv=None):
     V, N, D = args.vocab, args.chunk, args.hidden
     a = torch.randn(N, V, device="cuda", dtype=torch.bfloat16).t()  # grad_nV.t(), as the loss passes it
     b = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
-    ways = {"out=total": lambda t: torch.addmm(t, a, b, out_dtype=torch.float32, out=t),
-            "new tensor": lambda t: torch.addmm(t, a, b, out_dtype=torch.float32),
-            "add": lambda t: t.add_(a @ b)}
+    total = torch.zeros(V, D, device="cuda")
+    ways = {"out=total": lambda: torch.addmm(total, a, b, out_dtype=torch.float32, out=total),
+            "new tensor": lambda: torch.addmm(total, a, b, out_dtype=torch.float32),
+            "add": lambda: total.add_(a @ b)}
     for name, fn in ways.items():
-        times, _ = kernels_per_call(fn, torch.zeros(V, D, device="cuda"))
+        times = kernels_by_name(fn)
         print(f"{name:10s} {sum(times.values()):7.3f} ms per chunk: "
               + "; ".join(f"{k} {v:.3f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])), flush=True)
     return 0

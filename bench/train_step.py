@@ -243,7 +243,7 @@ class Plans:
 
 # ---- one variant --------------------------------------------------------------------------------------------
 def run_variant(name, settings, args, model_id, data_path, plans, flops_token, out_dir, index):
-    from bench.gpu_profile import kernel_summary, start_profiler
+    from bench.gpu_profile import print_step_summary, start_profiler
     from runtime.trainer import RunArgs, train
     searched = settings.get("plan", False)
     micro = settings["micro"] or args.micro_batch_size
@@ -281,10 +281,7 @@ def run_variant(name, settings, args, model_id, data_path, plans, flops_token, o
     del params
     timed = records[args.warmup:] or records
     if profiler is not None:
-        try:  # a diagnostic: never lose the variant's result to it
-            print(kernel_summary(profiler, sum(r["step_time_s"] for r in timed), len(timed)), flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"profile summary failed: {type(e).__name__}: {e}", flush=True)
+        print_step_summary(profiler, timed)
     key = "step_time_cuda_s" if "step_time_cuda_s" in timed[0] else "step_time_s"
     step = statistics.median(r[key] for r in timed)
     tokens = timed[0]["tokens"]
