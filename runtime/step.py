@@ -62,7 +62,7 @@ class UpdateGuard:
             return global_norm(self.params, self.params, self.run_mesh, self.expert_params)[0]
 
     def before_step(self):
-        if self.norm is None and self.pending is None:
+        if self.norm is None:  # the first step: the weights as loaded
             self.norm = self._weight_norm().item()
 
     def after_step(self, step):
