@@ -122,12 +122,12 @@ def test_chunked_loss_on_cuda_accumulates_the_head_gradient_like_float32_sums():
     weight = (torch.randn(300, 64, device="cuda", generator=g) / 8).to(torch.bfloat16).requires_grad_()
     targets = torch.randint(0, 300, (2, 257), device="cuda", generator=g)
     chunked_lm_loss_sum(hidden, weight, targets, 64).backward()
-    h, w = hidden.detach().float(), weight.detach().float()
+    h = hidden.detach().float()
     logits = (hidden.detach()[:, :-1].reshape(-1, 64) @ weight.detach().t()).float()
     grad_logits = torch.softmax(logits, dim=-1)
     grad_logits[torch.arange(logits.shape[0], device="cuda"), targets[:, 1:].reshape(-1)] -= 1
     expected = grad_logits.to(torch.bfloat16).float().t() @ h[:, :-1].reshape(-1, 64)
-    assert weight.grad.dtype == torch.bfloat16 and w.shape == weight.grad.shape
+    assert weight.grad.dtype == torch.bfloat16 and weight.grad.shape == weight.shape
     assert _rel(weight.grad, expected) < 1e-2, _rel(weight.grad, expected)
 
 
