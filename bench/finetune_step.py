@@ -111,6 +111,10 @@ def main(argv=None):
                         "the timed steps (torch.profiler; the profiler slows the step)")
     p.add_argument("--profile_host", action="store_true",
                    help="with --profile: also the host's ops, and which of them run while the GPU waits")
+    p.add_argument("--profile_shapes", action="store_true",
+                   help="with --profile: also the host operators by input shapes with the GPU time of their kernels "
+                        "(which GEMM of which projection costs what; clearest with --compile layer, whose GEMMs "
+                        "are launched by named operators rather than replayed in a CUDA graph)")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -157,7 +161,7 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
     profiler = None
     if args.profile and args.device == "cuda":
-        profiler = start_profiler(host=args.profile_host)
+        profiler = start_profiler(host=args.profile_host, shapes=args.profile_shapes)
     try:
         records, params = train(RunArgs(
             model_id=model_id, dataset_path=data_path, plan_ngpus=1, runtime_ngpus=1, plan=plan_path,

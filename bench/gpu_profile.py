@@ -119,18 +119,49 @@ def host_during_idle(profiler, spans, start, longest=6, min_us=500):
     return lines
 
 
-def start_profiler(host=False):
-    """A started torch.profiler recording CUDA kernels (and the host's ops with host=True)."""
+def operators_in_window(profiler, timed_wall_s, timed_steps, top=40):
+    """Lines: the host operators (by name and input shapes) whose GPU kernels took the most time per
+    step over the timed steps, each with the kernel time it launched itself (self device time). The
+    window is the last `timed_wall_s` seconds before the last kernel, applied to the operators' host
+    start times: the host runs ahead of the GPU by up to a step, so the figures are per step to within
+    that edge. Needs a profiler started with shapes=True (host ops and their input shapes)."""
+    kernels = gpu_kernels(profiler)
+    start = max(e.time_range.end for e in kernels) - timed_wall_s * 1e6
+    by_op = {}
+    for e in profiler.events():
+        if e.device_type != torch.autograd.DeviceType.CPU or e.time_range.start < start:
+            continue
+        device_us = e.self_device_time_total
+        if device_us > 0:
+            key = (e.name, str(e.input_shapes)[:150])
+            by_op[key] = by_op.get(key, 0.0) + device_us
+    total = sum(by_op.values())
+    lines = [f"host operators by input shapes, GPU ms per step (their own kernels; {total / 1e3 / timed_steps:.1f} ms "
+             "per step in all):"]
+    lines += [f"  {t / 1e3 / timed_steps:8.3f}  {name[:70]}  {shapes}"
+              for (name, shapes), t in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
+    return lines
+
+
+def start_profiler(host=False, shapes=False):
+    """A started torch.profiler recording CUDA kernels (and the host's ops with host=True; the host's
+    ops with their input shapes with shapes=True)."""
+    host = host or shapes
     activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if host else [])
-    profiler = torch.profiler.profile(activities=activities)
+    profiler = torch.profiler.profile(activities=activities, record_shapes=shapes)
     profiler.__enter__()
+    profiler.shapes_recorded = shapes
     return profiler
 
 
 def print_step_summary(profiler, timed_records):
-    """Prints kernel_summary over a run's timed steps (trainer records with step_time_s); a diagnostic,
-    so a failure to summarise is reported, never raised (the run's result is kept)."""
+    """Prints kernel_summary over a run's timed steps (trainer records with step_time_s), and with
+    shapes recorded the operators by shape; a diagnostic, so a failure to summarise is reported, never
+    raised (the run's result is kept)."""
+    wall_s, steps = sum(r["step_time_s"] for r in timed_records), len(timed_records)
     try:
-        print(kernel_summary(profiler, sum(r["step_time_s"] for r in timed_records), len(timed_records)), flush=True)
+        print(kernel_summary(profiler, wall_s, steps), flush=True)
+        if getattr(profiler, "shapes_recorded", False):
+            print("\n".join(operators_in_window(profiler, wall_s, steps)), flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"profile summary failed: {type(e).__name__}: {e}", flush=True)
