@@ -23,8 +23,9 @@ gradients equal the plain path's up to float rounding.
 import functools
 
 import torch
+import torch.nn.functional as F
 
-from modeling.kernels import compiled_on_cuda
+from modeling.kernels import STATIC_SHAPES, compiled_on_cuda
 from modeling import IGNORE_INDEX, next_token_cross_entropy
 
 
@@ -151,17 +152,38 @@ class _ChunkedLinearCrossEntropySum(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def chunked_lm_loss_sum(hidden_BSD, lm_head, labels_BS, chunk_tokens):
+def chunked_lm_loss_sum(hidden_BSD, lm_head, labels_BS, chunk_tokens, targets_only=False):
     """Summed next-token cross-entropy of a micro-batch (position s predicts labels[s + 1], a label
     IGNORE_INDEX counting for nothing; the last position predicts nothing), float32, computed
     `chunk_tokens` positions at a time from the final (normed) hidden states and lm_head (an
-    nn.Linear without bias, or its weight). labels_BS: the input ids for pretraining rows."""
+    nn.Linear without bias, or its weight). labels_BS: the input ids for pretraining rows.
+
+    targets_only: the head runs on the positions that have a target and no others (for instruction
+    rows, whose prompts are no targets: the head's GEMMs and the softmax passes shrink by the prompts'
+    share, 40 % in bench/finetune_step.py). The sum is the same (an ignored position adds nothing and
+    gets a zero gradient either way); finding those positions waits for the device once (nonzero),
+    so it is for rows with labels, where it pays."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     weight_VD = lm_head.weight if hasattr(lm_head, "weight") else lm_head
     if getattr(lm_head, "bias", None) is not None:
         raise ValueError("chunked_lm_loss_sum: lm_head has a bias, which this loss does not add")
     D = hidden_BSD.shape[-1]
-    hidden_ND = hidden_BSD[:, :-1].reshape(-1, D)
-    targets_N = labels_BS[:, 1:].reshape(-1)
+    if targets_only:
+        # position s's target is labels[s + 1]; the last position of a row has none
+        targets_N = F.pad(labels_BS[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        rows_n = torch.nonzero(targets_N != IGNORE_INDEX).squeeze(1)
+        # the count rounded up to a multiple of a quarter chunk, with positions whose target is ignored
+        # (they add nothing): the last chunk then has one of STATIC_SHAPES sizes, each compiled once,
+        # rather than a new size (and a compilation, 0.1 to 0.2 s) at many a step
+        multiple = -(-int(chunk_tokens) // STATIC_SHAPES)
+        padding = -rows_n.numel() % multiple
+        if padding and rows_n.numel() + padding <= targets_N.numel():
+            ignored_n = torch.nonzero(targets_N == IGNORE_INDEX).squeeze(1)[:padding]
+            rows_n = torch.cat([rows_n, ignored_n])
+        hidden_ND = hidden_BSD.reshape(-1, D).index_select(0, rows_n)
+        targets_N = targets_N.index_select(0, rows_n)
+    else:
+        hidden_ND = hidden_BSD[:, :-1].reshape(-1, D)
+        targets_N = labels_BS[:, 1:].reshape(-1)
     return _ChunkedLinearCrossEntropySum.apply(hidden_ND, weight_VD, targets_N, int(chunk_tokens))

@@ -133,7 +133,10 @@ def micro_batch_loss(model, batch, ce_chunk_tokens):
     attention within each packed document); without them the call is the plain one."""
     targets = batch.targets()
     if ce_chunk_tokens:
-        loss = functools.partial(chunked_lm_loss_sum, labels_BS=targets, chunk_tokens=ce_chunk_tokens)
+        # instruction rows (labels given) have prompts the head need not see; pretraining rows have
+        # a target at every position but the last, and skip the wait for the device that finding them costs
+        loss = functools.partial(chunked_lm_loss_sum, labels_BS=targets, chunk_tokens=ce_chunk_tokens,
+                                 targets_only=batch.labels is not None)
         return getattr(model, spec.FORWARD_WITH_HEAD)(batch.input_ids, loss, position_ids=batch.position_ids)
     out = model(input_ids=batch.input_ids, position_ids=batch.position_ids)
     # the float32 logits go with `out`: autograd keeps only what the backward needs

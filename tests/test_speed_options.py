@@ -62,13 +62,25 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
         assert _rel(q.grad, p.grad) < 1e-5, (name, _rel(q.grad, p.grad))
 
 
-def test_chunked_loss_ignores_minus_100_like_cross_entropy():
+@pytest.mark.parametrize("targets_only,chunk,head_rows", [(False, 4, 16), (True, 4, 10), (True, 16, 12)])
+def test_chunked_loss_ignores_minus_100_like_cross_entropy(targets_only, chunk, head_rows):
+    """Ignored targets count for nothing, whether the head runs on every position or (targets_only,
+    instruction rows) on the positions with a target alone, their count rounded up to a quarter
+    chunk with ignored ones (10 -> 12 for chunks of 16): the same sum and gradients."""
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
     weight = torch.randn(50, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (2, 9), generator=g)
     targets[0, 3] = targets[1, 8] = -100
-    loss = chunked_lm_loss_sum(hidden, weight, targets, 4)
+    targets[1, :5] = -100  # a prompt
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = chunked_lm_loss_sum(hidden, weight, targets, chunk, targets_only=targets_only)
+    # the hidden-state gradient the loss keeps for its backward: of the head's rows, the 10 positions
+    # with a target (padded to a quarter chunk) or all 2 x 8 positions but the rows' last
+    assert int((targets[:, 1:] != -100).sum()) == 10
+    assert (head_rows, 16) in saved, saved
+    assert not any(shape[0] != head_rows for shape in saved if len(shape) == 2 and shape[1] == 16 and shape[0] <= 16)
     loss.backward()
     h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     ref = F.cross_entropy((h2[:, :-1] @ w2.t()).reshape(-1, 50), targets[:, 1:].reshape(-1), reduction="sum",
