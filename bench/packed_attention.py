@@ -10,7 +10,8 @@ bf16) over `--rows` rows of `--seq_len` tokens, each row packed with documents o
   lower bound, not document-masked);
 * regrouped: modeling/kernels.attention_by_document (documents gathered into power-of-two windows,
   the causal kernel per window width);
-* flex: torch's FlexAttention with a block mask of the documents (compiled), no regrouping;
+* flex: torch's FlexAttention with a block mask of the documents (compiled), no regrouping, with the
+  model's tiles (kernels.FLEX_BLOCK_SIZE, FLEX_KERNEL_OPTIONS); the flex_* variants are other tiles;
 * cudnn_varlen: cuDNN's ragged attention over the documents laid end to end (_CudnnRagged, an
   experiment: not used by the model);
 * varlen: torch.nn.attention.varlen (flash-attention over cumulative lengths; values zero-padded to
@@ -61,6 +62,23 @@ class _CudnnRagged(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+# every query sees itself (its own key), so no row is wholly masked. (Not BLOCKS_ARE_CONTIGUOUS: a
+# query tile's partial key tiles, its first document's start and the diagonal, are not adjacent.)
+_TILE64 = {"BLOCK_M": 64, "BLOCK_N": 64, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
+# (variant, the block mask's tile, FlexAttention kernel_options); ROWS_GUARANTEED_SAFE (every query
+# sees its own key) made the results NaN on torch 2.11 (2026-12-02, sixth session) and is not tried
+FLEX_EXPERIMENTS = (
+    ("flex_defaults", 128, None),  # flex's own tiles, as the model ran it before the sixth session
+    ("flex_mask64", 64, None),
+    ("flex_tile64", 64, _TILE64),
+    ("flex_tile64_bwd64", 64, {**_TILE64, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}),
+    ("flex_tile64_bwd_w8", 64, {**_TILE64, "bwd_num_warps": 8}),
+    ("flex_tile64_fwd128", 64, {**_TILE64, "BLOCK_M": 128}),
+    ("flex_tile32", 32, {"BLOCK_M": 32, "BLOCK_N": 32, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32,
+                         "bwd_BLOCK_N2": 32}),
+)
+
+
 def packed_positions(rows, seq_len, seed=0):
     """Position ids of rows packed as bench/finetune_step.py packs them (restarting at each example)."""
     positions = torch.empty(rows, seq_len, dtype=torch.long)
@@ -78,6 +96,7 @@ def main(argv=None):
     p.add_argument("--v_dim", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -114,12 +133,22 @@ def main(argv=None):
     variants["regrouped"] = (regroup_setup, lambda mask: attention_by_document(causal, q, k, v, mask, scale, 0.0))
     try:
         from torch.nn.attention.flex_attention import flex_attention
-        from modeling.kernels import document_block_mask
+        from modeling.kernels import FLEX_KERNEL_OPTIONS, document_block_mask
         flex = torch.compile(flex_attention)
 
         def flex_setup():  # the runtime's own builder (the tiles' document ranges, a few small ops)
             return document_block_mask(docs)
-        variants["flex"] = (flex_setup, lambda block_mask: flex(q, k, v, block_mask=block_mask, scale=scale))
+        variants["flex"] = (flex_setup, lambda block_mask: flex(q, k, v, block_mask=block_mask, scale=scale,
+                                                                 kernel_options=FLEX_KERNEL_OPTIONS))
+        # experiments: finer tiles of the block mask and the kernel (short documents leave fewer
+        # scores computed and then masked), other backward tiles; each compiled on its own
+        for name, block, options in FLEX_EXPERIMENTS:
+            def setup(block=block):
+                return document_block_mask(docs, block)
+
+            def call(block_mask, options=options):
+                return flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options)
+            variants[name] = (setup, call)
         flex_tuned = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
         variants["flex_autotune"] = (flex_setup, lambda block_mask: flex_tuned(q, k, v, block_mask=block_mask,
                                                                                  scale=scale))
@@ -158,7 +187,10 @@ def main(argv=None):
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": B, "seq_len": S,
                "heads": H, "qk_dim": args.qk_dim, "v_dim": args.v_dim,
                "documents": int(docs[:, -1].sum()), "variants": {}}
+    only = [n for n in args.only.split(",") if n]
     for name, (setup, call) in variants.items():
+        if only and name not in only:
+            continue
         try:
             state = setup()
             out = call(state)
