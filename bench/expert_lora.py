@@ -48,6 +48,65 @@ def make_block(tokens, experts, rank, device, seed=0):
     return x, topk_idx, topk_weight, gate_up, down, adapters, grad_y
 
 
+class _LowRankUpdate(torch.autograd.Function):
+    """An experiment: u = a_e @ B_e^T per expert group (a [N, r] a rank-r input, B [E, F, r]), whose
+    backward forms B's gradient as (a^T dy)^T, a [r, N] x [N, F] grouped GEMM over K, so that the
+    output gradient dy (a strided half of the gate/up gradient) is read as it lies."""
+
+    @staticmethod
+    def forward(ctx, a_Nr, b_EFr, offsets_E):
+        ctx.save_for_backward(a_Nr, b_EFr, offsets_E)
+        return torch._grouped_mm(a_Nr, b_EFr.transpose(-2, -1), offs=offsets_E)
+
+    @staticmethod
+    def backward(ctx, grad_NF):
+        a_Nr, b_EFr, offsets_E = ctx.saved_tensors
+        grad_a = torch._grouped_mm(grad_NF, b_EFr, offs=offsets_E)
+        grad_b = torch._grouped_mm(a_Nr.t(), grad_NF, offs=offsets_E).transpose(-2, -1)
+        return grad_a, grad_b, None
+
+
+def grouped_swiglu_lora_variant(x_ND, weight_N1, offsets_E, gate_up_E2FD, down_EDF, a_gu, b_gu, a_d, b_d, scaling,
+                                gate_up_update):
+    """kernels.grouped_swiglu_lora (rank aligned, no dropout) with the gate/up updates applied another
+    way (an experiment): "inplace" as landed (each half's update added in place into the base output),
+    "cat" (base + cat(updates), which the compiled SwiGLU kernel can take as its input), "cat_lowrank"
+    (the same with _LowRankUpdate's gradient formulation for the two B's)."""
+    E, _, F_, D = gate_up_E2FD.shape
+    r = a_gu.shape[2]
+    dtype = x_ND.dtype
+
+    def mm(rows, w):
+        return kernels.grouped_mm(rows, w.to(dtype), offsets_E)
+    b_gu, b_d = b_gu * scaling, b_d * scaling
+    gate_up = mm(x_ND, gate_up_E2FD.reshape(E, 2 * F_, D))
+    xa = mm(x_ND, a_gu.reshape(E, 2 * r, D))
+    if gate_up_update == "inplace":
+        for half, columns in enumerate((slice(0, F_), slice(F_, 2 * F_))):
+            gate_up[:, columns].add_(mm(xa[:, half * r:(half + 1) * r], b_gu[:, half]))
+    else:
+        if gate_up_update == "cat":
+            halves = [mm(xa[:, i * r:(i + 1) * r], b_gu[:, i]) for i in range(2)]
+        else:
+            halves = [_LowRankUpdate.apply(xa[:, i * r:(i + 1) * r], b_gu[:, i].to(dtype), offsets_E) for i in range(2)]
+        gate_up = gate_up + torch.cat(halves, dim=1)
+    h = kernels.weighted_swiglu(gate_up, weight_N1)
+    return mm(h, down_EDF).add(mm(mm(h, a_d), b_d))
+
+
+def expert_swiglu_lora_variant(x_TD, topk_idx_TK, topk_weight_TK, gate_up, down, adapters, scaling, gate_up_update):
+    top_k = topk_idx_TK.shape[-1]
+    sorted_slots, sorted_tokens, slot_position, sorted_experts = kernels.sort_slots(topk_idx_TK)
+    x_sorted = kernels.permute(x_TD, sorted_tokens, slot_position, top_k)
+    offsets = kernels.group_end_offsets(sorted_experts, gate_up.shape[0])
+    weight_N1 = topk_weight_TK.reshape(-1).index_select(0, sorted_slots).unsqueeze(-1)
+    y = grouped_swiglu_lora_variant(x_sorted, weight_N1, offsets, gate_up, down, *adapters, scaling, gate_up_update)
+    return kernels.unpermute(y, sorted_tokens, slot_position, top_k)
+
+
+GATE_UP_UPDATES = ("inplace", "cat", "cat_lowrank")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=8192, help="tokens of the micro-batch (each routed to top-6 experts)")
@@ -55,6 +114,9 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--gate_up_updates", default=",".join(GATE_UP_UPDATES),
+                   help="comma-separated experiments beside the landed kernel: how the gate/up adapters' updates "
+                        "reach the base output (grouped_swiglu_lora_variant); '' for none")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -70,10 +132,20 @@ def main(argv=None):
     def lora(x, w_in):
         return kernels.expert_swiglu_lora(x, idx, w_in, gate_up, down, *adapters, scaling)
 
+    def variant(gate_up_update):
+        def block(x, w_in):
+            return expert_swiglu_lora_variant(x, idx, w_in, gate_up, down, adapters, scaling, gate_up_update)
+        return block
+
+    blocks = [("base", base), ("lora", lora)] + [(f"lora_{u}", variant(u)) for u in args.gate_up_updates.split(",") if u]
+    # the variants against the landed kernel: output and adapter gradients
+    reference_grads = None
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
            "experts": args.experts, "rank": args.rank, "variants": {}}
     for mode in ("compiled", "eager"):
-        for name, block in (("base", base), ("lora", lora)):
+        for name, block in blocks:
+            if mode == "eager" and name not in ("base", "lora"):
+                continue  # the experiments are for the compiled layers
             fn = torch.compile(block, fullgraph=False) if mode == "compiled" else block
 
             def step(fn=fn):
@@ -84,13 +156,22 @@ def main(argv=None):
                 fn(x, w_in).backward(grad_y)
             for _ in range(args.warmup):
                 step()
+            if name.startswith("lora"):  # each variant's adapter gradients against the landed kernel's
+                grads = [a.grad.clone() for a in adapters]
+                if reference_grads is None:
+                    reference_grads = grads
+                rel = max(((g - r).norm() / r.norm()).item() for g, r in zip(grads, reference_grads))
             wall = cuda_median_ms(step, 2, args.iters)
-            detail = name == "lora" or mode == "compiled"
+            detail = mode == "compiled"
             kernel, profiler = kernel_ms_per_call(step, args.iters, record_shapes=detail)
             ops = operators_by_shape(profiler, args.iters) if detail else None
             key = f"{name}_{mode}"
             out["variants"][key] = {"kernel_ms": kernel, "wall_ms": wall}
-            print(f"{key:14s} kernels {kernel:.3f} ms, wall {wall:.3f} ms per forward + backward", flush=True)
+            if name.startswith("lora"):
+                out["variants"][key]["adapter_grad_rel_diff"] = rel
+            print(f"{key:20s} kernels {kernel:.3f} ms, wall {wall:.3f} ms per forward + backward"
+                  + (f", adapter gradients within {rel:.1e} of the landed kernel's" if name.startswith("lora") else ""),
+                  flush=True)
             if ops:
                 out["variants"][key]["ops"] = ops[:30]
                 for o in ops[:30]:
