@@ -150,7 +150,6 @@ def start_profiler(host=False, shapes=False):
     activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if host else [])
     profiler = torch.profiler.profile(activities=activities, record_shapes=shapes)
     profiler.__enter__()
-    profiler.shapes_recorded = shapes
     return profiler
 
 
@@ -161,7 +160,7 @@ def print_step_summary(profiler, timed_records):
     wall_s, steps = sum(r["step_time_s"] for r in timed_records), len(timed_records)
     try:
         print(kernel_summary(profiler, wall_s, steps), flush=True)
-        if getattr(profiler, "shapes_recorded", False):
+        if profiler.record_shapes:
             print("\n".join(operators_in_window(profiler, wall_s, steps)), flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"profile summary failed: {type(e).__name__}: {e}", flush=True)

@@ -161,7 +161,7 @@ def chunked_lm_loss_sum(hidden_BSD, lm_head, labels_BS, chunk_tokens, targets_on
     targets_only: the head runs on the positions that have a target and no others (for instruction
     rows, whose prompts are no targets: the head's GEMMs and the softmax passes shrink by the prompts'
     share, 40 % in bench/finetune_step.py). The sum is the same (an ignored position adds nothing and
-    gets a zero gradient either way); finding those positions waits for the device once (nonzero),
+    gets a zero gradient either way); counting those positions waits for the device once,
     so it is for rows with labels, where it pays."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -172,15 +172,16 @@ def chunked_lm_loss_sum(hidden_BSD, lm_head, labels_BS, chunk_tokens, targets_on
     if targets_only:
         # position s's target is labels[s + 1]; the last position of a row has none
         targets_N = F.pad(labels_BS[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-        rows_n = torch.nonzero(targets_N != IGNORE_INDEX).squeeze(1)
+        ignored_N = (targets_N == IGNORE_INDEX).to(torch.int8)
+        kept = targets_N.numel() - int(ignored_N.sum())  # the one wait for the device
         # the count rounded up to a multiple of a quarter chunk, with positions whose target is ignored
         # (they add nothing): the last chunk then has one of STATIC_SHAPES sizes, each compiled once,
         # rather than a new size (and a compilation, 0.1 to 0.2 s) at many a step
-        multiple = -(-int(chunk_tokens) // STATIC_SHAPES)
-        padding = -rows_n.numel() % multiple
-        if padding and rows_n.numel() + padding <= targets_N.numel():
-            ignored_n = torch.nonzero(targets_N == IGNORE_INDEX).squeeze(1)[:padding]
-            rows_n = torch.cat([rows_n, ignored_n])
+        rows = kept + (-kept % -(-int(chunk_tokens) // STATIC_SHAPES))
+        if rows > targets_N.numel():
+            rows = kept
+        # the positions with a target in order, then ignored ones (a stable sort of the 0 / 1 flags)
+        rows_n = torch.argsort(ignored_N, stable=True)[:rows]
         hidden_ND = hidden_BSD.reshape(-1, D).index_select(0, rows_n)
         targets_N = targets_N.index_select(0, rows_n)
     else:
