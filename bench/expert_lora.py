@@ -69,9 +69,9 @@ class _LowRankUpdate(torch.autograd.Function):
 def grouped_swiglu_lora_variant(x_ND, weight_N1, offsets_E, gate_up_E2FD, down_EDF, a_gu, b_gu, a_d, b_d, scaling,
                                 gate_up_update):
     """kernels.grouped_swiglu_lora (rank aligned, no dropout) with the gate/up updates applied another
-    way (an experiment): "inplace" as landed (each half's update added in place into the base output),
-    "cat" (base + cat(updates), which the compiled SwiGLU kernel can take as its input), "cat_lowrank"
-    (the same with _LowRankUpdate's gradient formulation for the two B's)."""
+    way than its in-place adds into the base output (an experiment): "cat" (base + cat(updates), which
+    the compiled SwiGLU kernel can take as its input), "cat_lowrank" (the same with _LowRankUpdate's
+    gradient formulation for the two B's)."""
     E, _, F_, D = gate_up_E2FD.shape
     r = a_gu.shape[2]
     dtype = x_ND.dtype
@@ -81,15 +81,11 @@ def grouped_swiglu_lora_variant(x_ND, weight_N1, offsets_E, gate_up_E2FD, down_E
     b_gu, b_d = b_gu * scaling, b_d * scaling
     gate_up = mm(x_ND, gate_up_E2FD.reshape(E, 2 * F_, D))
     xa = mm(x_ND, a_gu.reshape(E, 2 * r, D))
-    if gate_up_update == "inplace":
-        for half, columns in enumerate((slice(0, F_), slice(F_, 2 * F_))):
-            gate_up[:, columns].add_(mm(xa[:, half * r:(half + 1) * r], b_gu[:, half]))
+    if gate_up_update == "cat":
+        halves = [mm(xa[:, i * r:(i + 1) * r], b_gu[:, i]) for i in range(2)]
     else:
-        if gate_up_update == "cat":
-            halves = [mm(xa[:, i * r:(i + 1) * r], b_gu[:, i]) for i in range(2)]
-        else:
-            halves = [_LowRankUpdate.apply(xa[:, i * r:(i + 1) * r], b_gu[:, i].to(dtype), offsets_E) for i in range(2)]
-        gate_up = gate_up + torch.cat(halves, dim=1)
+        halves = [_LowRankUpdate.apply(xa[:, i * r:(i + 1) * r], b_gu[:, i].to(dtype), offsets_E) for i in range(2)]
+    gate_up = gate_up + torch.cat(halves, dim=1)
     h = kernels.weighted_swiglu(gate_up, weight_N1)
     return mm(h, down_EDF).add(mm(mm(h, a_d), b_d))
 
@@ -104,7 +100,7 @@ def expert_swiglu_lora_variant(x_TD, topk_idx_TK, topk_weight_TK, gate_up, down,
     return kernels.unpermute(y, sorted_tokens, slot_position, top_k)
 
 
-GATE_UP_UPDATES = ("inplace", "cat", "cat_lowrank")
+GATE_UP_UPDATES = ("cat", "cat_lowrank")  # beside "lora", the landed kernel's in-place adds
 
 
 def main(argv=None):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.finetune_step import packed_examples  # noqa: E402
 from bench.train_step import cuda_median_ms  # noqa: E402
-from modeling.kernels import attention_by_document  # noqa: E402
+from modeling.kernels import FLEX_KERNEL_OPTIONS, attention_by_document  # noqa: E402
 from modeling.modeling_deepseek import AttentionMask, attention_allowed, document_ids  # noqa: E402
 
 
@@ -62,18 +62,16 @@ class _CudnnRagged(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-# every query sees itself (its own key), so no row is wholly masked. (Not BLOCKS_ARE_CONTIGUOUS: a
-# query tile's partial key tiles, its first document's start and the diagonal, are not adjacent.)
-_TILE64 = {"BLOCK_M": 64, "BLOCK_N": 64, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
-# (variant, the block mask's tile, FlexAttention kernel_options); ROWS_GUARANTEED_SAFE (every query
-# sees its own key) made the results NaN on torch 2.11 (2026-12-02, sixth session) and is not tried
+# (variant, the block mask's tile, FlexAttention kernel_options), beside "flex" (the model's own tiles,
+# kernels.FLEX_BLOCK_SIZE and FLEX_KERNEL_OPTIONS); ROWS_GUARANTEED_SAFE (every query sees its own
+# key) made the results NaN on torch 2.11 (2026-12-02, sixth session) and is not tried
 FLEX_EXPERIMENTS = (
     ("flex_defaults", 128, None),  # flex's own tiles, as the model ran it before the sixth session
     ("flex_mask64", 64, None),
-    ("flex_tile64", 64, _TILE64),
-    ("flex_tile64_bwd64", 64, {**_TILE64, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}),
-    ("flex_tile64_bwd_w8", 64, {**_TILE64, "bwd_num_warps": 8}),
-    ("flex_tile64_fwd128", 64, {**_TILE64, "BLOCK_M": 128}),
+    ("flex_tile64_bwd64", 64, {**FLEX_KERNEL_OPTIONS, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                               "bwd_BLOCK_N2": 64}),
+    ("flex_tile64_bwd_w8", 64, {**FLEX_KERNEL_OPTIONS, "bwd_num_warps": 8}),
+    ("flex_tile64_fwd128", 64, {**FLEX_KERNEL_OPTIONS, "BLOCK_M": 128}),
     ("flex_tile32", 32, {"BLOCK_M": 32, "BLOCK_N": 32, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32,
                          "bwd_BLOCK_N2": 32}),
 )
@@ -133,7 +131,7 @@ def main(argv=None):
     variants["regrouped"] = (regroup_setup, lambda mask: attention_by_document(causal, q, k, v, mask, scale, 0.0))
     try:
         from torch.nn.attention.flex_attention import flex_attention
-        from modeling.kernels import FLEX_KERNEL_OPTIONS, document_block_mask
+        from modeling.kernels import document_block_mask
         flex = torch.compile(flex_attention)
 
         def flex_setup():  # the runtime's own builder (the tiles' document ranges, a few small ops)
