@@ -348,6 +348,35 @@ def test_fused_adamw_flag_reaches_the_optimizer():
     assert build_optimizer(params, fused)[0].defaults["fused"] is True
 
 
+def test_fused_adamw_clips_in_its_kernel_as_the_foreach_path_clips_the_gradients():
+    """With fused AdamW the clipping is the kernel's grad_scale (no pass over the gradients): steps
+    equal scaling the gradients first, and the optimizer forgets the scale for the next step. Three
+    steps, clipped, not clipped, clipped: Adam's first step hardly depends on the gradients' scale, so
+    only a mix of scales tells a missed clip apart."""
+    from runtime.step import build_optimizer, clip_gradients, end_clipping
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(40, 7, generator=g), torch.randn(5, generator=g)]
+    steps = [(3.0, [torch.randn(40, 7, generator=g), torch.randn(5, generator=g)]) for _ in range(3)]
+    steps[1] = (0.4, steps[1][1])
+    after = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        args = RunArgs(model_id="m", dataset_path=None, plan_ngpus=1, runtime_ngpus=1, fused_adamw=fused, lr=0.1)
+        optimizer, _ = build_optimizer(params, args)
+        for norm, grads in steps:
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            local = [p.grad for p in params]
+            clip_gradients(local, norm, 1.0, optimizer)
+            assert torch.equal(local[0], grads[0]) == (fused or norm <= 1.0)  # fused: left to the kernel
+            optimizer.step()
+            end_clipping(optimizer)
+            assert getattr(optimizer, "grad_scale", None) is None
+        after.append([p.detach().clone() for p in params])
+    for foreach_p, fused_p in zip(*after):
+        torch.testing.assert_close(fused_p, foreach_p, rtol=1e-6, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("speed")
