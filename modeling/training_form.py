@@ -54,17 +54,47 @@ from .modeling_deepseek import (
 ROUTER_ANNOTATION = "n l^ h^, e^ h^, ?, ?, ?, ?, ?, ?, ?, ?, ? -> (n l^) k^, (n l^) k^, 1"
 
 
-def _routing_weights_and_aux(hidden_BSD, gate_weight_ED, topk_idx_TK, norm_topk_prob,
-                             routed_scaling_factor, aux_loss_alpha, seq_aux, scores_in_float32):
-    """The differentiable part of routing, for a fixed choice of experts."""
-    B, S, D = hidden_BSD.shape
-    scores_TE = gate_scores(hidden_BSD.reshape(-1, D), gate_weight_ED, scores_in_float32)
+class _Float32Logits(torch.autograd.Function):
+    """x W^T in float32 for bf16 / fp16 x and W on CUDA: one GEMM in their own dtype with float32
+    accumulation and output. The products of such values are exact in float32, so this computes what
+    F.linear(x.float(), W.float()) does (the public code's float32 gate) up to the order of the sum,
+    on the tensor cores instead of float32 CUDA cores (several times faster at the router's shape).
+    The backward is the float32 one, as the reference's."""
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_ED):
+        ctx.save_for_backward(x_TD, weight_ED)
+        return torch.mm(x_TD, weight_ED.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_TE):
+        x_TD, weight_ED = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_TE @ weight_ED.float()).to(x_TD.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_TE.t() @ x_TD.float()).to(weight_ED.dtype)
+        return grad_x, grad_w
+
+
+def router_scores(x_TD, weight_ED, scores_in_float32):
+    """modeling_deepseek.gate_scores, with the float32 gate's GEMM on the tensor cores where the
+    inputs are half-precision CUDA tensors (_Float32Logits)."""
+    half = (torch.bfloat16, torch.float16)
+    if scores_in_float32 and x_TD.is_cuda and x_TD.dtype in half and weight_ED.dtype == x_TD.dtype:
+        return _Float32Logits.apply(x_TD, weight_ED).softmax(dim=-1, dtype=torch.float32)
+    return gate_scores(x_TD, weight_ED, scores_in_float32)
+
+
+def _routing_weights_and_aux(scores_TE, topk_idx_TK, batch_size, norm_topk_prob, routed_scaling_factor,
+                             aux_loss_alpha, seq_aux):
+    """The differentiable part of routing from the scores, for a fixed choice of experts."""
     weights_TK = scale_topk_weights(scores_TE.gather(1, topk_idx_TK), norm_topk_prob, routed_scaling_factor)
     if aux_loss_alpha > 0:
-        aux = load_balance_loss(scores_TE, topk_idx_TK, B, aux_loss_alpha, seq_aux)
+        aux = load_balance_loss(scores_TE, topk_idx_TK, batch_size, aux_loss_alpha, seq_aux)
     else:
         aux = scores_TE.new_zeros((), dtype=torch.promote_types(scores_TE.dtype, torch.float32))
-    return scores_TE, weights_TK, aux
+    return weights_TK, aux
 
 
 @annotate(ROUTER_ANNOTATION)
@@ -78,11 +108,10 @@ def moe_route(hidden_BSD: torch.Tensor, gate_weight_ED: torch.Tensor, top_k: int
     passes outside training)."""
     with torch.no_grad():
         B, S, D = hidden_BSD.shape
-        scores_TE = gate_scores(hidden_BSD.reshape(-1, D), gate_weight_ED, scores_in_float32)
+        scores_TE = router_scores(hidden_BSD.reshape(-1, D), gate_weight_ED, scores_in_float32)
         _, topk_idx_TK = select_topk_experts(scores_TE, top_k, topk_method, n_group, topk_group)
-        _, weights_TK, aux = _routing_weights_and_aux(hidden_BSD, gate_weight_ED, topk_idx_TK, norm_topk_prob,
-                                                      routed_scaling_factor, aux_loss_alpha, seq_aux,
-                                                      scores_in_float32)
+        weights_TK, aux = _routing_weights_and_aux(scores_TE, topk_idx_TK, B, norm_topk_prob, routed_scaling_factor,
+                                                   aux_loss_alpha, seq_aux)
     return topk_idx_TK, weights_TK, aux
 
 
@@ -111,7 +140,11 @@ def _moe_route_backward(ctx, grad_idx, grad_weights_TK, grad_aux):
     with torch.enable_grad():
         x = hidden_BSD.detach().requires_grad_(ctx.needs_input_grad[0])
         w = gate_weight_ED.detach().requires_grad_(ctx.needs_input_grad[1])
-        _, weights_TK, aux = _routing_weights_and_aux(x, w, topk_idx_TK, *ctx.routing)
+        norm_topk_prob, routed_scaling_factor, aux_loss_alpha, seq_aux, scores_in_float32 = ctx.routing
+        B, S, D = x.shape
+        scores_TE = router_scores(x.reshape(-1, D), w, scores_in_float32)
+        weights_TK, aux = _routing_weights_and_aux(scores_TE, topk_idx_TK, B, norm_topk_prob, routed_scaling_factor,
+                                                   aux_loss_alpha, seq_aux)
         outputs, grads = [], []
         if grad_weights_TK is not None:
             outputs.append(weights_TK), grads.append(grad_weights_TK)

@@ -300,3 +300,28 @@ def test_injected_balance_loss_gradient_equals_adding_it_to_the_loss():
     torch.testing.assert_close(logged, out.aux_loss.detach())
     for (name, p), q in zip(added.named_parameters(), injected.parameters()):
         assert _rel(q.grad, p.grad) < 1e-5, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-precision gate GEMM is taken on CUDA only")
+def test_router_scores_on_tensor_cores_equal_the_float32_gate_forward_and_backward():
+    """The training form's router GEMM (bf16 inputs, float32 accumulation) computes the public float32
+    gate's scores, and its gradients are the float32 ones (modeling_deepseek.gate_scores)."""
+    from modeling.modeling_deepseek import gate_scores
+    from modeling.training_form import router_scores
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 2048, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(64, 2048, device="cuda", generator=g) * 0.02).bfloat16()
+    grad = torch.randn(4096, 64, device="cuda", generator=g)
+    results = []
+    for fn in (router_scores, gate_scores):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        scores = fn(xi, wi, True)
+        scores.backward(grad)
+        results.append((scores.detach(), xi.grad, wi.grad))
+    (s, gx, gw), (s_ref, gx_ref, gw_ref) = results
+    assert s.dtype == torch.float32
+    assert (s - s_ref).abs().max().item() < 1e-6
+    # the scores differ in the order of their sums alone, so the gradients agree to float32 rounding
+    # (x's gradient then rounded to bf16 in both)
+    for got, ref in ((gx, gx_ref), (gw, gw_ref)):
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-3
