@@ -621,8 +621,8 @@ def grouped_swiglu_lora(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2
     gate_up = x W_gu^T + [x A_g^T (s B_g)^T | x A_u^T (s B_u)^T] (s = scaling; expert e's gate_proj and up_proj
     adapters are [e, 0] and [e, 1] of the stacked A and B), then the weighted SwiGLU h, then
     y = h W_d^T + (h A_d^T) (s B_d)^T. Every product is one grouped GEMM over all experts with
-    the base's group offsets (5 small ones beside the base's 2: A of gate and up together, B of each,
-    A and B of down); the adapters are cast to the rows' dtype, so fp32 adapters train over a bf16
+    the base's group offsets (4 small ones beside the base's 2: A of gate and up together, B of both
+    over a block-diagonal, A and B of down); the adapters are cast to the rows' dtype, so fp32 adapters train over a bf16
     base. The routing weight scales h before the down projection (inside the SwiGLU kernel, as in
     the base path), which weights the down adapter's output the same way: the projection is linear."""
     E, _, F_, D = gate_up_E2FD.shape
@@ -647,15 +647,15 @@ def grouped_swiglu_lora(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2
     gate_up_N2F = mm(x_grouped_ND, gate_up_E2FD.reshape(E, 2 * F_, D))
     # both A's in one GEMM: [N, 2r] = [x A_gate^T | x A_up^T]
     xa_N2R = mm(_lora_rows(x_grouped_ND, dropout_p), lora_A_gate_up_E2RD.reshape(E, 2 * r, D))
-    # each B on its own half of xa (strided views, which the grouped GEMM takes as they are), its update
-    # added in place into its half of the base output: no [N, 2F] temporary, and none of the zero blocks
-    # a block-diagonal [[B_gate, 0], [0, B_up]] would multiply (half of those GEMMs' work, forward and
-    # backward). The base GEMM's output is not saved by its backward (the frozen weight gets no
-    # gradient), so modifying it in place is sound; autograd routes each half's gradient to its B.
-    for half, columns in enumerate((slice(0, F_), slice(F_, 2 * F_))):
-        update_NF = mm(xa_N2R[:, half * r:(half + 1) * r], lora_B_gate_up_E2FR[:, half])
-        gate_up_N2F[:, columns].add_(update_NF)
-    h_NF = weighted_swiglu(gate_up_N2F, weight_N1)
+    # both B's in one GEMM too, over the block-diagonal [[B_gate, 0], [0, B_up]] [E, 2F, 2r]: it
+    # multiplies zero blocks (twice the B's FLOPs, which are tiny), but GEMMs this thin are bound by
+    # their launches and their [N, 2F] output, not their FLOPs: one GEMM with a contiguous output and
+    # gradient instead of two on strided halves of the base output (whose in-place adds and, in the
+    # backward, copies of each half's gradient cost more than the zeros)
+    zeros_EFR = lora_B_gate_up_E2FR.new_zeros(E, F_, r)
+    b_E2F2R = torch.cat([torch.cat([lora_B_gate_up_E2FR[:, 0], zeros_EFR], -1),
+                         torch.cat([zeros_EFR, lora_B_gate_up_E2FR[:, 1]], -1)], 1)
+    h_NF = weighted_swiglu(gate_up_N2F + mm(xa_N2R, b_E2F2R), weight_N1)
     update_down_ND = mm(mm(_lora_rows(h_NF, dropout_p), lora_A_down_ERF), lora_B_down_EDR)
     return mm(h_NF, down_EDF).add(update_down_ND)
 
