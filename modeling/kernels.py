@@ -622,9 +622,10 @@ def grouped_swiglu_lora(x_grouped_ND, weight_N1, group_end_offsets_E, gate_up_E2
     adapters are [e, 0] and [e, 1] of the stacked A and B), then the weighted SwiGLU h, then
     y = h W_d^T + (h A_d^T) (s B_d)^T. Every product is one grouped GEMM over all experts with
     the base's group offsets (4 small ones beside the base's 2: A of gate and up together, B of both
-    over a block-diagonal, A and B of down); the adapters are cast to the rows' dtype, so fp32 adapters train over a bf16
-    base. The routing weight scales h before the down projection (inside the SwiGLU kernel, as in
-    the base path), which weights the down adapter's output the same way: the projection is linear."""
+    over a block-diagonal, A and B of down); the adapters are cast to the rows' dtype, so fp32
+    adapters train over a bf16 base. The routing weight scales h before the down projection (inside
+    the SwiGLU kernel, as in the base path), which weights the down adapter's output the same way:
+    the projection is linear."""
     E, _, F_, D = gate_up_E2FD.shape
     r = lora_A_gate_up_E2RD.shape[2]
     if r % LORA_RANK_ALIGN:
