@@ -69,9 +69,11 @@ class _LowRankUpdate(torch.autograd.Function):
 def grouped_swiglu_lora_variant(x_ND, weight_N1, offsets_E, gate_up_E2FD, down_EDF, a_gu, b_gu, a_d, b_d, scaling,
                                 gate_up_update):
     """kernels.grouped_swiglu_lora (rank aligned, no dropout) with the gate/up updates applied another
-    way than its in-place adds into the base output (an experiment): "cat" (base + cat(updates), which
-    the compiled SwiGLU kernel can take as its input), "cat_lowrank" (the same with _LowRankUpdate's
-    gradient formulation for the two B's), "blockdiag" (one grouped GEMM over a block-diagonal B)."""
+    way than its one grouped GEMM over a block-diagonal B (an experiment): two GEMMs, one per B,
+    "cat" (base + cat(updates), which the compiled SwiGLU kernel can take as its input) or
+    "cat_lowrank" (the same with _LowRankUpdate's gradient formulation for the two B's). The in-place
+    adds into the halves of the base output, the kernel before 2026-12-06, measured 6.280 ms against
+    the block-diagonal's 5.870 on an H100 (bench/RESULTS.md, seventh session)."""
     E, _, F_, D = gate_up_E2FD.shape
     r = a_gu.shape[2]
     dtype = x_ND.dtype
@@ -81,19 +83,11 @@ def grouped_swiglu_lora_variant(x_ND, weight_N1, offsets_E, gate_up_E2FD, down_E
     b_gu, b_d = b_gu * scaling, b_d * scaling
     gate_up = mm(x_ND, gate_up_E2FD.reshape(E, 2 * F_, D))
     xa = mm(x_ND, a_gu.reshape(E, 2 * r, D))
-    if gate_up_update == "blockdiag":
-        # one [N, 2r] x [2r, 2F] GEMM per expert over [[B_gate, 0], [0, B_up]]: twice the (tiny) work of
-        # the two B's, one launch with a contiguous output and gradient instead of two on strided halves
-        zeros = b_gu.new_zeros(E, F_, r)
-        b_bd = torch.cat([torch.cat([b_gu[:, 0], zeros], -1), torch.cat([zeros, b_gu[:, 1]], -1)], 1)
-        gate_up = gate_up + mm(xa, b_bd)
+    if gate_up_update == "cat":
+        halves = [mm(xa[:, i * r:(i + 1) * r], b_gu[:, i]) for i in range(2)]
     else:
-        if gate_up_update == "cat":
-            halves = [mm(xa[:, i * r:(i + 1) * r], b_gu[:, i]) for i in range(2)]
-        else:
-            halves = [_LowRankUpdate.apply(xa[:, i * r:(i + 1) * r], b_gu[:, i].to(dtype), offsets_E)
-                      for i in range(2)]
-        gate_up = gate_up + torch.cat(halves, dim=1)
+        halves = [_LowRankUpdate.apply(xa[:, i * r:(i + 1) * r], b_gu[:, i].to(dtype), offsets_E) for i in range(2)]
+    gate_up = gate_up + torch.cat(halves, dim=1)
     h = kernels.weighted_swiglu(gate_up, weight_N1)
     return mm(h, down_EDF).add(mm(mm(h, a_d), b_d))
 
@@ -108,7 +102,7 @@ def expert_swiglu_lora_variant(x_TD, topk_idx_TK, topk_weight_TK, gate_up, down,
     return kernels.unpermute(y, sorted_tokens, slot_position, top_k)
 
 
-GATE_UP_UPDATES = ("cat", "cat_lowrank", "blockdiag")  # beside "lora", the landed kernel's in-place adds
+GATE_UP_UPDATES = ("cat", "cat_lowrank")  # beside "lora", the landed kernel (one block-diagonal B GEMM)
 
 
 def main(argv=None):
@@ -123,7 +117,8 @@ def main(argv=None):
                         "reach the base output (grouped_swiglu_lora_variant); '' for none")
     p.add_argument("--max_autotune", action="store_true",
                    help="compile with inductor's max-autotune (GEMMs and grouped GEMMs benchmarked against its Triton "
-                        "templates, whose epilogues can fuse the adds) instead of the default mode")
+                        "templates, whose epilogues can fuse the adds) instead of the default mode; on torch 2.11 "
+                        "its grouped-GEMM template failed to compile (bench/RESULTS.md, seventh session)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -149,11 +144,11 @@ def main(argv=None):
     reference_grads = None
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
            "experts": args.experts, "rank": args.rank, "max_autotune": args.max_autotune, "variants": {}}
+    compile_mode = "max-autotune-no-cudagraphs" if args.max_autotune else None
     for mode in ("compiled", "eager"):
         for name, block in blocks:
             if mode == "eager" and name not in ("base", "lora"):
                 continue  # the experiments are for the compiled layers
-            compile_mode = "max-autotune-no-cudagraphs" if args.max_autotune else None
             fn = torch.compile(block, fullgraph=False, mode=compile_mode) if mode == "compiled" else block
 
             def step(fn=fn):

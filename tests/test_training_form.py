@@ -322,7 +322,6 @@ def test_router_scores_on_tensor_cores_equal_the_float32_gate_forward_and_backwa
     assert s.dtype == torch.float32
     # the logits differ in the order of their 2048-term sums alone (1.6e-6 at most seen on an H100)
     assert (s - s_ref).abs().max().item() < 1e-5
-    # the scores differ in the order of their sums alone, so the gradients agree to float32 rounding
-    # (x's gradient then rounded to bf16 in both)
+    # so the gradients agree to float32 rounding (x's gradient then rounded to bf16 in both)
     for got, ref in ((gx, gx_ref), (gw, gw_ref)):
         assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-3
