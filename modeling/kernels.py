@@ -233,11 +233,12 @@ class _WeightedSwiGLUOfSum(torch.autograd.Function):
     """weighted_swiglu(base + update, w) for two [N, 2F] GEMM outputs (the frozen gate+up projection
     and its LoRA update), without a pass of its own for the sum.
 
-    The sum is what the backward needs, so it is saved; saved as one [N, 2F] tensor it would be
-    made by an add over [N, 2F] of its own (a kernel's size is its output's, and the SwiGLU's is
-    [N, F]: 5 ms per step of the full Coder-V2-Lite on an H200). Saved as its gate and up halves,
-    it is written by the SwiGLU's own kernel, as it computes h. The gradient of the sum is that of
-    both GEMM outputs: the same tensor is returned for each."""
+    The sum is what the backward needs, so it is saved. Saved as one [N, 2F] tensor it is made by
+    an add over [N, 2F] of its own, which the SwiGLU's [N, F] kernel cannot absorb (an H200 profile
+    of the full Coder-V2-Lite LoRA step showed that add as a kernel of 5 ms per step); saved as its
+    gate and up halves, it is written by the SwiGLU's own kernel as it computes h, and the sum is
+    never read back. The gradient of the sum is that of both GEMM outputs: the same tensor is
+    returned for each."""
 
     @staticmethod
     def forward(ctx, base_N2F, update_N2F, weight_N1):
