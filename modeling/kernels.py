@@ -164,20 +164,18 @@ def _sum_slots(rows_ND, slot_position_N, top_k):
     return total.to(rows_ND.dtype)
 
 
+def _swiglu(gate_NF, up_NF, weight_N1):
+    """silu(gate) * up * weight, in float32, rounded once to the input dtype."""
+    return (F.silu(gate_NF.float()) * up_NF.float() * weight_N1).to(gate_NF.dtype)
+
+
 @compiled_on_cuda
 def _weighted_swiglu_forward(gate_up_N2F, weight_N1):
-    """silu(gate) * up * weight, in float32, rounded once to the input dtype."""
-    gate, up = gate_up_N2F.float().chunk(2, dim=-1)
-    return (F.silu(gate) * up * weight_N1).to(gate_up_N2F.dtype)
+    return _swiglu(*gate_up_N2F.chunk(2, dim=-1), weight_N1)
 
 
 @compiled_on_cuda
-def _weighted_swiglu_backward(gate_up_N2F, weight_N1, grad_h_NF):
-    gate_NF, up_NF = gate_up_N2F.chunk(2, dim=-1)
-    return _swiglu_grads(gate_NF, up_NF, weight_N1, grad_h_NF)
-
-
-def _swiglu_grads(gate_NF, up_NF, weight_N1, grad_h_NF):
+def _weighted_swiglu_backward(gate_NF, up_NF, weight_N1, grad_h_NF):
     """(gradient of [gate | up] as one [N, 2F] tensor, gradient of the row weights) of
     h = silu(gate) * up * weight, in float32."""
     gate, up = gate_NF.float(), up_NF.float()
@@ -206,7 +204,7 @@ class _WeightedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h_NF):
         gate_up_N2F, weight_N1 = ctx.saved_tensors
-        return _weighted_swiglu_backward(gate_up_N2F, weight_N1, grad_h_NF.contiguous())
+        return _weighted_swiglu_backward(*gate_up_N2F.chunk(2, dim=-1), weight_N1, grad_h_NF.contiguous())
 
 
 def weighted_swiglu(gate_up_N2F, weight_N1):
@@ -220,13 +218,7 @@ def _weighted_swiglu_of_sum_forward(base_N2F, update_N2F, weight_N1):
     F_ = base_N2F.shape[-1] // 2
     gate_NF = base_N2F[:, :F_] + update_N2F[:, :F_]
     up_NF = base_N2F[:, F_:] + update_N2F[:, F_:]
-    h_NF = (F.silu(gate_NF.float()) * up_NF.float() * weight_N1).to(base_N2F.dtype)
-    return gate_NF, up_NF, h_NF
-
-
-@compiled_on_cuda
-def _weighted_swiglu_halves_backward(gate_NF, up_NF, weight_N1, grad_h_NF):
-    return _swiglu_grads(gate_NF, up_NF, weight_N1, grad_h_NF)
+    return gate_NF, up_NF, _swiglu(gate_NF, up_NF, weight_N1)
 
 
 class _WeightedSwiGLUOfSum(torch.autograd.Function):
@@ -249,8 +241,7 @@ class _WeightedSwiGLUOfSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h_NF):
         gate_NF, up_NF, weight_N1 = ctx.saved_tensors
-        grad_gate_up, grad_weight = _weighted_swiglu_halves_backward(gate_NF, up_NF, weight_N1,
-                                                                     grad_h_NF.contiguous())
+        grad_gate_up, grad_weight = _weighted_swiglu_backward(gate_NF, up_NF, weight_N1, grad_h_NF.contiguous())
         return grad_gate_up, grad_gate_up, grad_weight
 
 
