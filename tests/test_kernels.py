@@ -58,11 +58,13 @@ def test_weighted_swiglu_gradients():
 def test_fused_kernels_follow_eager_as_row_counts_change_every_call():
     """Expert parallelism hands the fused SwiGLU and gather-sum kernels a new row count every step:
     they must keep computing what the eager operators compute, and never hit the recompile limit."""
-    from modeling.kernels import _sum_slots, set_fused_kernels, weighted_swiglu
+    from modeling.kernels import _sum_slots, set_fused_kernels, weighted_swiglu, weighted_swiglu_of_sum
     generator = torch.Generator(device="cuda").manual_seed(0)
     for rows in [4096, 4100, 3990, 4200, 4001, 3777, 4444, 4321, 5003, 3001] * 2:
         gate_up = torch.randn(rows, 2 * 64, device="cuda", dtype=torch.bfloat16, generator=generator,
                               requires_grad=True)
+        update = torch.randn(rows, 2 * 64, device="cuda", dtype=torch.bfloat16, generator=generator,
+                             requires_grad=True)
         weight = torch.rand(rows, 1, device="cuda", generator=generator, requires_grad=True)
         positions = torch.randperm(rows, device="cuda", generator=generator)
         results = []
@@ -70,7 +72,9 @@ def test_fused_kernels_follow_eager_as_row_counts_change_every_call():
             set_fused_kernels(fused)
             h = weighted_swiglu(gate_up, weight)
             grads = torch.autograd.grad(h.float().square().sum(), (gate_up, weight))
-            results.append((h, *grads, _sum_slots(gate_up.detach(), positions, 1)))
+            h_of_sum = weighted_swiglu_of_sum(gate_up, update, weight)  # the LoRA experts' form
+            grads_of_sum = torch.autograd.grad(h_of_sum.float().square().sum(), (gate_up, update, weight))
+            results.append((h, *grads, _sum_slots(gate_up.detach(), positions, 1), h_of_sum, *grads_of_sum))
         set_fused_kernels(True)
         for got, want in zip(*results):
             torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
