@@ -390,7 +390,11 @@ def compile_layers(layers, scope, backend="inductor", norms=()):
         if backend != "inductor":
             raise ValueError(f"compile scope layer_cudagraphs needs the inductor backend (CUDA graphs are its "
                              f"reduce-overhead mode), not {backend!r}")
-        graphs = {"mode": "reduce-overhead"}
+        # reduce-overhead mode spelled as its option, beside combo kernels: inductor launches each
+        # group of a layer's independent small kernels (the LoRA adapters' fp32 -> bf16 casts among
+        # them) as one. The LoRA step of the full Coder-V2-Lite on an H200: 0.274 -> 0.271 s per step
+        # (bench/RESULTS.md, ninth session)
+        graphs = {"options": {"triton.cudagraphs": True, "combo_kernels": True}}
     for layer in layers:
         if scope == "layer_eager_experts" and isinstance(layer.mlp, MoEBlock):
             experts = layer.mlp.experts

@@ -215,8 +215,9 @@ def test_compiled_layers_equal_eager(scope):
 
 
 def test_layer_cudagraphs_compiles_each_layer_in_reduce_overhead_mode(monkeypatch):
-    """layer_cudagraphs: each decoder layer's forward compiled whole by inductor in its reduce-overhead
-    mode (CUDA graphs), where layer compiles it in the default mode; another backend is refused."""
+    """layer_cudagraphs: each decoder layer's forward compiled whole by inductor with CUDA graphs (its
+    reduce-overhead mode, as an option) and combo kernels, where layer compiles it in the default mode;
+    another backend is refused."""
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     for scope in ("layer", "layer_cudagraphs"):
@@ -224,7 +225,8 @@ def test_layer_cudagraphs_compiles_each_layer_in_reduce_overhead_mode(monkeypatc
         compile_layers(model.model.layers, scope)
     layers = len(model.model.layers)
     assert calls == [{"backend": "inductor", "dynamic": False}] * layers + \
-        [{"backend": "inductor", "dynamic": False, "mode": "reduce-overhead"}] * layers
+        [{"backend": "inductor", "dynamic": False,
+          "options": {"triton.cudagraphs": True, "combo_kernels": True}}] * layers
     with pytest.raises(ValueError, match="layer_cudagraphs needs the inductor backend"):
         compile_layers(model.model.layers, "layer_cudagraphs", backend="aot_eager")
 
