@@ -392,7 +392,7 @@ def compile_layers(layers, scope, backend="inductor", norms=()):
                              f"reduce-overhead mode), not {backend!r}")
         # reduce-overhead mode spelled as its option, beside combo kernels: inductor launches each
         # group of a layer's independent small kernels (the LoRA adapters' fp32 -> bf16 casts among
-        # them) as one. The LoRA step of the full Coder-V2-Lite on an H200: 0.274 -> 0.271 s per step
+        # them) as one. The LoRA step of the full Coder-V2-Lite on an H200: 0.274 -> 0.270 s per step
         # (bench/RESULTS.md, ninth session)
         graphs = {"options": {"triton.cudagraphs": True, "combo_kernels": True}}
     for layer in layers:
