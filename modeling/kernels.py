@@ -229,8 +229,9 @@ class _WeightedSwiGLUOfSum(torch.autograd.Function):
     an add over [N, 2F] of its own, which the SwiGLU's [N, F] kernel cannot absorb (an H200 profile
     of the full Coder-V2-Lite LoRA step showed that add as a kernel of 5 ms per step); saved as its
     gate and up halves, it is written by the SwiGLU's own kernel as it computes h, and the sum is
-    never read back. The gradient of the sum is that of both GEMM outputs: the same tensor is
-    returned for each."""
+    never read back. Measured on the whole step (bench/RESULTS.md, ninth session) the net change was
+    within noise (0.2742 -> 0.2744 s): the larger SwiGLU kernel costs about what the add did. The
+    gradient of the sum is that of both GEMM outputs: the same tensor is returned for each."""
 
     @staticmethod
     def forward(ctx, base_N2F, update_N2F, weight_N1):

@@ -385,7 +385,7 @@ def compile_layers(layers, scope, backend="inductor", norms=()):
             if isinstance(module, (DeepseekV2Attention, DeepseekAttention)):
                 module.rotary_fn = rotary_fn
         return
-    graphs = {}
+    inductor_options = {}
     if scope == "layer_cudagraphs":
         if backend != "inductor":
             raise ValueError(f"compile scope layer_cudagraphs needs the inductor backend (CUDA graphs are its "
@@ -394,12 +394,12 @@ def compile_layers(layers, scope, backend="inductor", norms=()):
         # group of a layer's independent small kernels (the LoRA adapters' fp32 -> bf16 casts among
         # them) as one. The LoRA step of the full Coder-V2-Lite on an H200: 0.274 -> 0.270 s per step
         # (bench/RESULTS.md, ninth session)
-        graphs = {"options": {"triton.cudagraphs": True, "combo_kernels": True}}
+        inductor_options = {"options": {"triton.cudagraphs": True, "combo_kernels": True}}
     for layer in layers:
         if scope == "layer_eager_experts" and isinstance(layer.mlp, MoEBlock):
             experts = layer.mlp.experts
             experts.forward = torch.compiler.disable(experts.forward)
-        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=False, **graphs)
+        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=False, **inductor_options)
 
 
 # ----------------------------------------------------------------------------------------------
